@@ -1,0 +1,345 @@
+"""Typed run configuration: one section per stage, loaded from YAML with `key.sub=value` overrides.
+
+Every field carries a help string; `dalign run CONFIG --print-config` prints the resolved config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+STAGES = ["teach", "filter", "sft", "grpo", "sample", "judge", "score", "select", "report"]
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    student: str = Field(
+        "packaged:smollm2-135m-instruct",
+        description="Student (aligned) model: hf:<id|dir>, gguf:<file> or packaged:smollm2-135m-instruct.",
+    )
+    adapter: str | None = Field(
+        None,
+        description="LoRA adapter dir for the aligned model. Default: <run>/adapter-grpo, else <run>/adapter "
+        "when those exist; none means the student itself is scored against `base`.",
+    )
+    base: str | None = Field(
+        None,
+        description="Base model for scoring when the aligned model is a full checkpoint (not an adapter). "
+        "With an adapter the base is the same weights with the adapter disabled.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on GPU."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    system_prompt: str | None = Field(
+        None, description="System prompt; null keeps the chat template's default (SmolLM2 has one)."
+    )
+    think_prefix: bool = Field(
+        True, description="Append '<think>' to the generation prompt, as the paper does for distilled students."
+    )
+    max_context: int | None = Field(
+        None, description="Context length; longer prompts are cut from the left. Default: the model's limit."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
+
+
+class DatasetRef(Section):
+    name: str = Field(description="Registered dataset name (`dalign datasets`) or 'file' for a local CSV/JSONL.")
+    benchmark: str | None = Field(None, description="Name in artifacts; default: the dataset name.")
+    path: str | None = Field(None, description="Local file for name='file' (or to override a dataset's source).")
+    source: Literal["auto", "offline", "hub"] = Field(
+        "auto", description="auto: the offline package copy when installed, else the hub."
+    )
+    role: Literal["eval", "calibration"] = Field(
+        "eval", description="calibration rows choose the latent layer; they never enter the reported numbers."
+    )
+    limit: int | None = Field(None, description="Keep this many prompts after shuffling (null = all).")
+    offset: int = Field(0, description="Skip this many shuffled prompts first (makes disjoint splits).")
+    seed: int = Field(0, description="Shuffle seed for limit/offset.")
+    prompt_field: str | None = Field(None, description="Column holding the prompt (name='file').")
+    id_field: str | None = Field(None, description="Column holding a stable id (name='file'); default: row number.")
+    category_field: str | None = Field(None, description="Column holding the category (name='file').")
+    answer_field: str | None = Field(None, description="Column holding the reference answer (utility files).")
+
+    @property
+    def label(self) -> str:
+        return self.benchmark or self.name
+
+
+class TeachConfig(Section):
+    teacher: str = Field(
+        "corpus",
+        description="corpus (the shipped traces), hf:<id|dir> for a local/hub model, or openai:<model> for an "
+        "OpenAI-compatible endpoint (DALIGN_OPENAI_BASE_URL, DALIGN_OPENAI_API_KEY).",
+    )
+    prompts: str | None = Field(
+        None, description="Prompt file (CSV/JSONL with question/prompt and category) or hf:UCSC-VLAA/STAR-41K."
+    )
+    spec: str | None = Field(None, description="Safety spec YAML; default: the packaged spec.")
+    limit: int | None = Field(None, description="Use only this many prompts.")
+    max_new_tokens: int = Field(2048, description="Teacher generation budget.")
+    temperature: float = Field(0.6, description="Teacher sampling temperature.")
+    batch_size: int = Field(8, description="Prompts per teacher batch (HF teacher) or concurrent requests.")
+
+
+class FilterConfig(Section):
+    judge: str = Field("refusal", description="Judge used on (prompt, answer); keep traces it labels safe.")
+    keep_malformed: bool = Field(False, description="Keep traces with no parsable final answer (not advised).")
+
+
+class LoraConfig(Section):
+    r: int = Field(32, description="LoRA rank.")
+    alpha: int = Field(64, description="LoRA alpha.")
+    dropout: float = Field(0.05, description="LoRA dropout.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Modules that get LoRA weights ('all-linear' or a list of names)."
+    )
+
+
+class SFTConfig(Section):
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    learning_rate: float = Field(1.41e-5, description="AdamW learning rate (paper: 1.41e-5).")
+    epochs: float = Field(3.0, description="Training epochs.")
+    effective_batch_size: int = Field(16, description="Per-device batch x grad accumulation x devices.")
+    per_device_batch_size: int = Field(4, description="Micro-batch size.")
+    max_length: int = Field(2048, description="Truncate training sequences to this many tokens.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = run all epochs).")
+    seed: int = Field(0, description="Training seed.")
+
+
+class GRPOConfig(Section):
+    enabled: bool = Field(False, description="Run GRPO after SFT.")
+    judge: str = Field("refusal", description="Reward judge: 1 if it labels the answer safe, else 0.")
+    learning_rate: float = Field(1.41e-5, description="Learning rate.")
+    epochs: float = Field(1.0, description="Epochs over the prompts.")
+    batch_size: int = Field(256, description="Prompts x generations per optimizer step (paper: 256).")
+    num_generations: int = Field(8, description="Group size: completions per prompt.")
+    beta: float = Field(0.0, description="KL coefficient (paper: 0).")
+    max_new_tokens: int = Field(512, description="Completion budget during GRPO.")
+    max_steps: int = Field(-1, description="Stop after this many steps (-1 = all).")
+    seed: int = Field(0, description="Training seed.")
+
+
+class SampleConfig(Section):
+    datasets: list[DatasetRef] = Field(default_factory=list, description="Benchmarks to sample on.")
+    n: int = Field(8, description="Candidates per prompt (paper: 8).")
+    temperature: float = Field(0.7, description="Sampling temperature (paper: 0.7); 0 = greedy.")
+    top_p: float = Field(1.0, description="Nucleus sampling mass (paper: 1.0).")
+    repetition_penalty: float = Field(1.0, description="Repetition penalty (paper: 1.0).")
+    max_new_tokens: int = Field(256, description="Generation budget per candidate (paper: 2048).")
+    batch_size: int = Field(32, description="Sequences per generation batch.")
+    seed: int = Field(0, description="Base seed; each (benchmark, prompt, candidate) derives its own.")
+    capture_layers: list[int] = Field(
+        default_factory=list,
+        description="Record the aligned model's final-token hidden state at these layers while sampling, "
+        "so `score` needs only the base pass for latent similarity.",
+    )
+
+    @field_validator("n")
+    @classmethod
+    def _n_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"n must be >= 1, got {v}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"temperature must be >= 0, got {v}")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {v}")
+        return v
+
+
+class JudgeConfig(Section):
+    judge: str = Field("refusal", description="Safety judge for harmful benchmarks (`dalign judge --help`).")
+    model: str | None = Field(None, description="Judge model: hf:<id|dir> (llama-guard) or endpoint model name.")
+    threshold: float = Field(0.5, description="P(unsafe) above which llama-guard says unsafe; rubric score > this.")
+    batch_size: int = Field(16, description="Rows per judge batch.")
+
+
+class ScoreConfig(Section):
+    metrics: list[str] = Field(
+        default_factory=lambda: ["latent_similarity", "kl", "perplexity", "self_certainty", "random"],
+        description="Metrics to compute (`dalign score --help` lists them).",
+    )
+    layers: list[int] | Literal["all"] = Field(
+        default_factory=lambda: [12],
+        description="Layers for latent_similarity; 'all' = every layer 1..L (hidden_states convention).",
+    )
+    batch_size: int = Field(16, description="Sequences per scoring batch.")
+    retokenize: bool = Field(False, description="Re-tokenize decoded text as the paper's code does.")
+    share_prompt: bool = Field(False, description="Compute each prompt once and reuse its KV cache for its N candidates.")
+    seed: int = Field(0, description="Seed of the random metric.")
+
+
+class SelectConfig(Section):
+    selectors: list[str] = Field(
+        default_factory=list, description="metric or metric@layer names; default: every scored metric and layer."
+    )
+    default_layer: int = Field(12, description="Paper default layer for latent similarity.")
+    utility_constraint: float | None = Field(
+        None, description="During calibration, reject layers whose utility drop exceeds this fraction."
+    )
+
+
+class ReportConfig(Section):
+    bootstrap: int = Field(1000, description="Bootstrap resamples for 95 % CIs.")
+    seed: int = Field(0, description="Bootstrap seed.")
+
+
+class RunConfig(Section):
+    name: str = Field("run", description="Run name; the run directory is <runs_dir>/<name>.")
+    runs_dir: str = Field("runs", description="Where run directories live.")
+    stages: list[str] = Field(default_factory=lambda: list(STAGES), description="Stages to run, in pipeline order.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Student/base models.")
+    teach: TeachConfig = Field(default_factory=TeachConfig, description="Teacher traces.")
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="Guard filtering of traces.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="LoRA SFT.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO with the guard as reward.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Best-of-N candidate sampling.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Labelling candidates.")
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="Selection metrics.")
+    select: SelectConfig = Field(default_factory=SelectConfig, description="Selectors and layer calibration.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="Report settings.")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
+        return sorted(v, key=STAGES.index)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def _suggest(key: str, model: type[BaseModel]) -> str:
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_model(path: tuple, root: type[BaseModel] = RunConfig) -> type[BaseModel] | None:
+    model: Any = root
+    for part in path:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            # list[DatasetRef] and similar
+            for c in candidates:
+                for a in getattr(c, "__args__", ()):
+                    if isinstance(a, type) and issubclass(a, BaseModel):
+                        model = a
+    return model
+
+
+def _friendly(err: ValidationError, origin: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = _field_model(tuple(e["loc"][:-1]))
+            hint = _suggest(str(e["loc"][-1]), parent) if parent else ""
+            lines.append(f"unknown key {loc!r}{hint}")
+        else:
+            lines.append(f"{loc}: {e['msg']}")
+    return ConfigError(f"invalid config ({origin}):\n  " + "\n  ".join(lines))
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    d[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value, e.g. sample.n=4")
+        key, raw = item.split("=", 1)
+        _set_path(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Load a YAML config (or defaults), apply overrides, validate; errors name the key and the file."""
+    data: dict = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections, got {type(data).__name__}")
+        origin = str(p)
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        data = deep_merge(data, extra)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise _friendly(e, origin) from None
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of any JSON-able value (a config section, a dict of sections)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

