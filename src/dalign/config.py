@@ -76,7 +76,9 @@ class DatasetRef(Section):
 
     @property
     def label(self) -> str:
-        return self.benchmark or self.name
+        if self.benchmark:
+            return self.benchmark
+        return self.name if self.role == "eval" else f"{self.name}-calibration"
 
 
 class TeachConfig(Section):

