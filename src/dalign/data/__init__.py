@@ -81,4 +81,18 @@ def _ensure_registered() -> None:
                 raise
 
 
-__all__ = ["DATASETS", "SCHEMA", "DatasetError", "load_dataset"]
+def dataset_card(name: str) -> dict:
+    """Origin, licence, version and construction of a registered dataset (see dalign.data.cards)."""
+    from dalign.data.cards import dataset_card as card
+
+    return card(name)
+
+
+def list_datasets() -> list[dict]:
+    """name, kind, checker, size, source, offline (bool), hub for every registered dataset."""
+    from dalign.data.cards import list_datasets as listing
+
+    return listing()
+
+
+__all__ = ["DATASETS", "SCHEMA", "DatasetError", "dataset_card", "list_datasets", "load_dataset"]

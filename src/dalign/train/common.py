@@ -1,0 +1,200 @@
+"""Helpers shared by SFT and GRPO: the student, <think> tokens, precision, atomic adapter dirs, cards, curves."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from dalign.config import config_hash
+from dalign.models.chat import THINK_CLOSE, THINK_OPEN
+
+ThinkMode = Literal["text", "add"]
+
+# Why "text" is the default (DESIGN.md §2 says "add when missing"; we deviate on purpose):
+# - The Best-of-N guard compares the aligned model with the *same weights, adapter disabled*. New token rows exist
+#   only in the adapter; with the adapter off, the base model reads whatever the rows were initialised to (random
+#   in `load_pair`, which resizes with mean_resizing=False). The base's hidden states would then be perturbed right
+#   where every prompt ends ("<think>\n"), confounding the latent-similarity signal we study.
+# - At lr 1.41e-5 and a few hundred traces, freshly initialised rows barely move; the student must learn to emit a
+#   token it has never seen. As text, "<think>" is a few ordinary tokens every tokenizer already models.
+# - Plain text keeps the adapter usable with the student's own tokenizer and keeps it small (no embedding rows).
+# "add" is implemented for students whose chat template already uses the tags, or when the user asks for it.
+DEFAULT_THINK_MODE: ThinkMode = "text"
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+class NoTrainingData(TrainError):
+    """Filtering kept nothing: training would be a no-op, so we stop and say why."""
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def rows_hash(rows: list[dict], fields: tuple[str, ...]) -> str:
+    """Order-independent content hash of training rows."""
+    keyed = sorted(json.dumps([r.get(f) for f in fields], ensure_ascii=False) for r in rows)
+    return hashlib.sha256("\n".join(keyed).encode()).hexdigest()[:16]
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def precision_flags() -> dict[str, bool]:
+    """bf16 mixed precision on GPUs that support it, plain fp32 on CPU (TRL's configs default bf16=True)."""
+    bf16 = use_cuda() and torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": False}
+
+
+def load_student(spec: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """Student weights on CPU in the training dtype; the Trainer moves them to its device (also under accelerate)."""
+    from dalign.models.loading import load_model, pick_dtype
+
+    dt = pick_dtype(dtype, torch.device("cuda" if use_cuda() else "cpu"))
+    model, tok = load_model(spec, dtype=str(dt).removeprefix("torch."), device="cpu", trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def ensure_think_tokens(model, tok, mode: ThinkMode) -> list[int]:
+    """In "add" mode, add <think>/</think> when the vocabulary lacks them; returns the new token ids.
+
+    New rows start at the mean embedding of the tag's plain-text pieces (deterministic, and close to what the
+    model already associates with the text), not at random.
+    """
+    if mode == "text":
+        return []
+    missing = [t for t in (THINK_OPEN, THINK_CLOSE) if t not in tok.get_vocab()]
+    if not missing:
+        return []
+    pieces = {t: tok(t, add_special_tokens=False)["input_ids"] for t in missing}
+    tok.add_tokens(missing, special_tokens=False)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    new_ids = tok.convert_tokens_to_ids(missing)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        out = model.get_output_embeddings()
+        for t, i in zip(missing, new_ids, strict=True):
+            emb[i] = emb[pieces[t]].mean(0)
+            if out is not None and out.weight.data_ptr() != emb.data_ptr():
+                out.weight[i] = out.weight[pieces[t]].mean(0)
+    return list(new_ids)
+
+
+def lora_config(lcfg, new_token_ids: list[int]):
+    """PEFT LoraConfig from our LoraConfig section; new token rows train through `trainable_token_indices`."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        target_modules=lcfg.target_modules,
+        task_type="CAUSAL_LM",
+        trainable_token_indices=new_token_ids or None,
+    )
+
+
+def strip_bos(tok, text: str) -> str:
+    """Drop a BOS the chat template wrote when the tokenizer adds one itself (TRL tokenizes text prompts with
+    special tokens on), so the model never sees two BOS tokens."""
+    bos = tok.bos_token
+    if bos and text.startswith(bos):
+        probe = tok("x")["input_ids"]
+        if probe and probe[0] == tok.bos_token_id:
+            return text[len(bos) :]
+    return text
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a temp dir next to `dest`; on success it replaces `dest`, on error it is removed."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_card(adapter: Path) -> dict:
+    p = adapter / "card.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+
+
+def write_card(adapter: Path, card: dict) -> None:
+    (adapter / "card.json").write_text(json.dumps(card, indent=2, default=str), encoding="utf-8")
+
+
+def reusable(adapter: Path, fp: dict) -> bool:
+    """A finished adapter (weights + card) made under the same fingerprint can be reused as is."""
+    card = read_card(adapter)
+    return (adapter / "adapter_config.json").exists() and card.get("fingerprint_hash") == config_hash(fp)
+
+
+def log_series(history: list[dict], key: str) -> list[dict[str, Any]]:
+    """Per-step values of one logged metric from a Trainer's log_history."""
+    return [
+        {"step": h["step"], "epoch": h.get("epoch"), key: float(h[key])}
+        for h in history
+        if key in h and "step" in h
+    ]
+
+
+def plot_curve(series: list[dict], key: str, path: Path, title: str) -> Path | None:
+    """A small PNG of one metric per step (headless matplotlib)."""
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=120)
+    ax.plot([p["step"] for p in series], [p[key] for p in series], marker="o" if len(series) < 40 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("dalign", "torch", "transformers", "peft", "trl"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

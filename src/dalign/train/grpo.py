@@ -1,0 +1,276 @@
+"""Stage `grpo`: TRL GRPOTrainer continuing from the SFT adapter, reward = the judge's safety label.
+
+- The SFT adapter is loaded with `PeftModel.from_pretrained(..., is_trainable=True)`. Loaded the default way its
+  weights are frozen, the optimizer gets no LoRA parameters and "training" silently changes nothing (the
+  authors' pitfall, DESIGN.md §4); we also check that trainable parameters exist before training.
+- Reward: 1.0 when the judge labels the final answer safe, 0.0 when unsafe. A judge *error* also gives 0.0: it is
+  never read as safe, and excluding it (NaN) would let a flaky judge silently shrink groups. The final answer is
+  the text after the last </think>, or the whole completion if the model never closed its thinking -- the same
+  rule the evaluation judges use, so GRPO optimises what is later measured.
+- Prompts: the kept training prompts, formatted exactly like the sampler formats them (think prefix included).
+- Sampling temperature/top_p follow `sample.*`, so the policy is trained under the distribution Best-of-N uses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+from dalign.config import GRPOConfig, JudgeConfig, ModelConfig, SampleConfig, config_hash
+from dalign.models.chat import render_prompt
+from dalign.models.pair import check_adapter_base
+from dalign.rundir import MissingArtifact, RunDir, adapter_fingerprint, fingerprint
+from dalign.teach.parse import final_answer
+from dalign.train.common import (
+    NoTrainingData,
+    TrainError,
+    atomic_dir,
+    load_student,
+    log_series,
+    now,
+    plot_curve,
+    precision_flags,
+    read_card,
+    reusable,
+    rows_hash,
+    use_cuda,
+    versions,
+    world_size,
+    write_card,
+)
+from dalign.train.common import strip_bos as _strip_bos
+
+
+class JudgeReward:
+    """TRL reward function: 1.0 if the judge says safe, else 0.0 (unsafe and errors alike); counts labels."""
+
+    __name__ = "judge_safe"  # TRL names the logged reward column after the function
+
+    def __init__(self, judge):
+        self.judge = judge
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, prompts, completions, user_prompt=None, **kwargs) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        users = user_prompt if user_prompt is not None else prompts
+        items = [{"prompt": u, "response": t, "answer": final_answer(t)} for u, t in zip(users, texts, strict=True)]
+        verdicts = self.judge.judge(items)
+        if len(verdicts) != len(items):
+            raise TrainError(f"reward judge returned {len(verdicts)} verdicts for {len(items)} completions")
+        labels = [v.get("label", "error") for v in verdicts]
+        self.counts.update(labels)
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:
+            log_metric("judge_error_rate", labels.count("error") / max(len(labels), 1))
+        return [1.0 if lab == "safe" else 0.0 for lab in labels]
+
+
+def batch_plan(cfg: GRPOConfig) -> tuple[int, int]:
+    """(micro batch, grad accumulation) so one optimizer step sees cfg.batch_size completions (whole groups)."""
+    world = world_size()
+    if cfg.batch_size % cfg.num_generations:
+        raise ValueError(
+            f"grpo.batch_size={cfg.batch_size} must be a multiple of grpo.num_generations={cfg.num_generations} "
+            f"(each step holds whole groups of completions)"
+        )
+    if cfg.batch_size % world:
+        raise ValueError(f"grpo.batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    per_proc = cfg.batch_size // world
+    micro = max(d for d in range(1, min(per_proc, 8) + 1) if per_proc % d == 0)  # <= 8 sequences per forward
+    return micro, per_proc // micro
+
+
+def load_trainable(student: str, adapter: Path, model_cfg: ModelConfig):
+    """Student + SFT adapter with the adapter's weights trainable."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    model, tok = load_student(student, model_cfg.dtype, model_cfg.trust_remote_code)
+    if (adapter / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(adapter)  # SFT may have added <think> tokens
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        if len(tok) != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n_trainable == 0:
+        raise TrainError(f"the adapter {adapter} loaded with no trainable parameters: GRPO would be a no-op")
+    return model, tok, n_trainable
+
+
+def train_grpo(
+    student: str,
+    adapter: Path,
+    prompts: list[dict],
+    dest: Path,
+    grpo: GRPOConfig,
+    judge,
+    model_cfg: ModelConfig | None = None,
+    sample: SampleConfig | None = None,
+    fp: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """GRPO from an SFT adapter on prompts [{prompt_id, prompt}]; writes the new adapter atomically to `dest`."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import GRPOConfig as TrlGRPOConfig
+    from trl import GRPOTrainer
+    from trl.trainer.callbacks import RichProgressCallback
+
+    model_cfg = model_cfg or ModelConfig(student=student)
+    sample = sample or SampleConfig()
+    if not prompts:
+        raise NoTrainingData("GRPO needs prompts: the filter kept none")
+    model, tok, n_trainable = load_trainable(student, adapter, model_cfg)
+    model.config.use_cache = True
+    rows = [
+        {
+            "prompt": _strip_bos(tok, render_prompt(tok, p["prompt"], model_cfg.system_prompt, model_cfg.think_prefix)),
+            "user_prompt": p["prompt"],
+            "prompt_id": str(p["prompt_id"]),
+        }
+        for p in prompts
+    ]
+    micro, accum = batch_plan(grpo)
+    temperature = sample.temperature if sample.temperature > 0 else 1.0  # GRPO needs sampling to form groups
+    reward = JudgeReward(judge)
+    with atomic_dir(dest) as tmp:
+        args = TrlGRPOConfig(
+            output_dir=str(tmp / "_trainer"),
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=accum,
+            num_generations=grpo.num_generations,
+            num_train_epochs=grpo.epochs,
+            max_steps=grpo.max_steps,
+            learning_rate=grpo.learning_rate,
+            beta=grpo.beta,
+            max_completion_length=grpo.max_new_tokens,
+            temperature=temperature,
+            top_p=sample.top_p,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=grpo.seed,
+            activation_checkpointing=use_cuda(),
+            disable_tqdm=True,
+            use_cpu=not use_cuda(),
+            **precision_flags(),
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            callbacks=[RichProgressCallback()] if progress else None,
+        )
+        trainer.remove_callback(PrinterCallback)
+        t0 = time.perf_counter()
+        result = trainer.train()
+        wall = time.perf_counter() - t0
+        history = trainer.state.log_history
+        rewards = log_series(history, "reward")
+        trainer.model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        import shutil
+
+        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+        plot_curve(rewards, "reward", tmp / "reward.png", "GRPO mean reward (1 = judged safe)")
+        card = {
+            "stage": "grpo",
+            "base_model": student,
+            "parent_adapter": str(adapter),
+            "parent_adapter_hash": adapter_fingerprint(adapter),
+            "parent_card_data": read_card(adapter).get("data"),
+            "trainer": "trl.GRPOTrainer (adapter loaded trainable)",
+            "created": now(),
+            "data": {"n_prompts": len(rows), "prompts_hash": rows_hash(prompts, ("prompt_id", "prompt"))},
+            "reward": {
+                "judge": getattr(judge, "name", type(judge).__name__),
+                "rule": "1 if the judge labels the final answer safe; 0 if unsafe; judge errors -> 0",
+                "labels": dict(reward.counts),
+            },
+            "hyperparameters": {
+                **grpo.model_dump(mode="json"),
+                "temperature": temperature,
+                "top_p": sample.top_p,
+                "micro_batch": micro,
+                "grad_accum": accum,
+                "world_size": world_size(),
+                "trainable_parameters": n_trainable,
+                "optimizer_steps": trainer.state.global_step,
+                **precision_flags(),
+                "device": "cuda" if use_cuda() else "cpu",
+            },
+            "reward_per_step": [
+                {**r, **_extra(history, r["step"], ("reward_std", "loss", "completions/mean_length"))} for r in rewards
+            ],
+            "train_loss": result.training_loss,
+            "runtime_s": round(wall, 2),
+            "versions": versions(),
+            "fingerprint": fp,
+            "fingerprint_hash": config_hash(fp) if fp is not None else None,
+        }
+        write_card(tmp, card)
+    return card
+
+
+def _extra(history: list[dict], step: int, keys: tuple[str, ...]) -> dict:
+    for h in history:
+        if h.get("step") == step and "reward" in h:
+            return {k: h[k] for k in keys if k in h and not (isinstance(h[k], float) and math.isnan(h[k]))}
+    return {}
+
+
+def run_grpo(run: RunDir, force: bool = False) -> dict:
+    """<run>/adapter + kept prompts -> <run>/adapter-grpo (adapter, tokenizer, card.json, reward.png)."""
+    from dalign.judge import get_judge
+
+    cfg = run.config
+    if not cfg.grpo.enabled:
+        return {"skipped": "grpo.enabled is false"}
+    sft_dir = run.path / "adapter"
+    if not (sft_dir / "adapter_config.json").exists():
+        raise MissingArtifact(f"{sft_dir} holds no SFT adapter: run `dalign sft` first")
+    check_adapter_base(sft_dir, cfg.model.student)
+    filtered = run.read("filtered")
+    kept = filtered[filtered["kept"].astype(bool)].drop_duplicates("prompt_id")
+    prompts = kept[["prompt_id", "prompt"]].to_dict("records")
+    if not prompts:
+        raise NoTrainingData(f"{run.path / 'filtered.parquet'} kept no traces, so GRPO has no prompts")
+    jcfg: JudgeConfig = cfg.judge.model_copy(update={"judge": cfg.grpo.judge})
+    fp = fingerprint(cfg, {"grpo": None})
+    fp["model"] = {k: getattr(cfg.model, k) for k in ("student", "system_prompt", "think_prefix", "dtype")}
+    fp["sampling"] = {"temperature": cfg.sample.temperature, "top_p": cfg.sample.top_p}
+    fp["judge"] = jcfg.model_dump(mode="json", exclude={"batch_size"})
+    fp["sft_adapter"] = adapter_fingerprint(sft_dir)
+    fp["prompts_hash"] = rows_hash(prompts, ("prompt_id", "prompt"))
+    dest = run.path / "adapter-grpo"
+    if dest.exists() and not force:
+        check_adapter_base(dest, cfg.model.student)
+        if reusable(dest, fp):
+            run.begin("grpo", fp, ["adapter-grpo"], force)
+            run.finish("grpo", rows=len(prompts), reused=True)
+            return {"adapter": str(dest), "reused": True}
+    run.begin("grpo", fp, ["adapter-grpo"], force)
+    judge = get_judge(cfg.grpo.judge, jcfg)
+    card = train_grpo(cfg.model.student, sft_dir, prompts, dest, cfg.grpo, judge, cfg.model, cfg.sample, fp)
+    steps = card["reward_per_step"]
+    run.finish(
+        "grpo",
+        rows=len(prompts),
+        steps=card["hyperparameters"]["optimizer_steps"],
+        reward_first=steps[0]["reward"] if steps else None,
+        reward_last=steps[-1]["reward"] if steps else None,
+        judge_labels=card["reward"]["labels"],
+        runtime_s=card["runtime_s"],
+    )
+    return {
+        "adapter": str(dest),
+        "steps": card["hyperparameters"]["optimizer_steps"],
+        "reward_first": steps[0]["reward"] if steps else None,
+        "reward_last": steps[-1]["reward"] if steps else None,
+    }

@@ -1,0 +1,445 @@
+"""Safety spec, teacher prompt, trace parsing, teachers (corpus / hf / openai stub), the shipped corpus, filter."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from dalign.config import TeachConfig, load_config
+from dalign.rundir import RunDir
+from dalign.teach.corpus import STAR41K_SHARES, CorpusError, corpus_card, load_corpus
+from dalign.teach.parse import final_answer, format_trace, parse_trace
+from dalign.teach.spec import DEFAULT_SPEC, SpecError, load_spec, parse_spec, render_teacher_prompt, resolve_categories
+from dalign.teach.teachers import OpenAITeacher, TeachRequest, TeacherError, get_teacher
+
+# ---------------------------------------------------------------- spec and teacher prompt
+
+
+def test_packaged_spec_is_complete():
+    spec = load_spec()
+    assert spec.categories == [
+        "harassment_hate", "sexual", "violence", "self_harm", "illicit",
+        "misinformation", "privacy", "intellectual_property", "benign",
+    ]  # fmt: skip
+    for n, s in enumerate(spec.sections, start=1):
+        assert s.number == n and [r.id for r in s.rules] == [f"{n}.1", f"{n}.2", f"{n}.3"]
+        assert s.objective and s.title
+    assert spec.default_category == "benign"
+    assert spec.map_label("Illicit / Criminal Behavior") == "illicit"
+    assert spec.map_label("SELF-HARM") == "self_harm"  # case-insensitive fallback
+
+
+@pytest.mark.parametrize("category", load_spec().categories)
+def test_teacher_prompt_has_only_the_prompts_section(category):
+    spec = load_spec()
+    text = render_teacher_prompt(spec, "How do I get my neighbour's wifi password?", [category])
+    own = spec.section(category)
+    assert "How do I get my neighbour's wifi password?" in text
+    assert f"Policy section {own.number}: {own.title}" in text and own.objective in text
+    for rule in own.rules:
+        assert f"{rule.id} {rule.text}" in text
+    for other in spec.sections:
+        if other.category != category:
+            assert other.title not in text and f"{other.number}.1 " not in text
+    assert f"Especially consider the policies for {own.title}." in text
+    assert "refuse, safe-complete or comply" in text
+
+
+def test_teacher_prompt_two_categories():
+    spec = load_spec()
+    text = render_teacher_prompt(spec, "q", ["violence", "illicit"])
+    assert re.findall(r"Policy section (\d):", text) == ["3", "5"]
+    assert "Especially consider the policies for Violence and physical harm and Illicit behaviour." in text
+
+
+def test_resolve_categories():
+    spec = load_spec()
+    assert resolve_categories(spec, ["Violence / Physical Harm", "Illicit / Criminal Behavior"]) == (
+        ["violence", "illicit"],
+        False,
+    )
+    assert resolve_categories(spec, "privacy") == (["privacy"], False)
+    assert resolve_categories(spec, "['Sexual / Adult']") == (["sexual"], False)  # a list stored in a CSV cell
+    for empty in (None, float("nan"), "", []):
+        assert resolve_categories(spec, empty) == (["benign"], True)
+    with pytest.raises(SpecError, match="'weapons'"):
+        resolve_categories(spec, "weapons")
+
+
+def _spec_dict() -> dict:
+    return yaml.safe_load(DEFAULT_SPEC.read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["sections"][4].pop("objective"), "section 5 (illicit): missing field 'objective'"),
+        (lambda d: d["sections"][0]["rules"][0].update(id="2.1"), "rule id '2.1' must start with '1.'"),
+        (lambda d: d.update(default_category="general"), "default_category 'general'"),
+        (lambda d: d["star41k_categories"].update({"Weapons": "weapons"}), "maps 'Weapons' to 'weapons'"),
+        (lambda d: d["sections"][1].update(category="harassment_hate"), "duplicate section category"),
+    ],
+)
+def test_spec_errors_name_the_field(mutate, message):
+    data = _spec_dict()
+    mutate(data)
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(data, "my_spec.yaml")
+
+
+def test_spec_file_errors(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sections: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+
+
+def test_missing_category_in_custom_spec_names_it(tmp_path):
+    """A prompt whose category the user's spec lacks: the error names the category and the prompt."""
+    from dalign.teach.stage import build_requests
+
+    data = _spec_dict()
+    data["sections"] = [s for s in data["sections"] if s["category"] != "privacy"]
+    data["star41k_categories"] = {k: v for k, v in data["star41k_categories"].items() if v != "privacy"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    prompts = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["x", "y"], "category": ["illicit", "privacy"]})
+    with pytest.raises(SpecError, match=r"prompt 'b'.*'privacy'"):
+        build_requests(load_spec(path), prompts)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def test_parse_tagged():
+    p = parse_trace("<think>\nThe user wants X. Policy section 5.1 says refuse.\n</think>\n\nI can't help with that.")
+    assert (p.shape, p.cot, p.answer) == ("tagged", "The user wants X. Policy section 5.1 says refuse.", "I can't help with that.")
+
+
+def test_parse_r1_style():
+    p = parse_trace("Okay, the user asks for a recipe. Benign.\n</think>\nHere is a recipe: ...")
+    assert (p.shape, p.cot, p.answer) == ("r1", "Okay, the user asks for a recipe. Benign.", "Here is a recipe: ...")
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("<think>I keep thinking and the budget runs out", "never closed"),
+        ("<think>reasoning</think>   ", "no final answer"),
+        ("just an answer with no reasoning", "no </think>"),
+        ("</think> answer only", "empty reasoning"),
+        ("", "empty output"),
+        (None, "empty output"),
+    ],
+)
+def test_parse_malformed(text, reason):
+    p = parse_trace(text)
+    assert p.malformed and p.answer is None and reason in p.reason
+
+
+def test_format_roundtrip_and_final_answer():
+    raw = format_trace("why", "what")
+    assert raw == "<think>\nwhy\n</think>\n\nwhat"
+    assert parse_trace(raw).answer == "what" and final_answer(raw) == "what"
+    assert final_answer("no tags here ") == "no tags here"
+
+
+# ---------------------------------------------------------------- the shipped corpus
+
+
+@pytest.fixture(scope="module")
+def corpus() -> pd.DataFrame:
+    return load_corpus()
+
+
+def test_corpus_schema_and_counts(corpus):
+    spec = load_spec()
+    card = corpus_card(corpus)
+    assert 270 <= card["size"] <= 360
+    assert set(corpus["category"]) == set(spec.categories)  # every category covered
+    assert set(corpus["decision"]) == {"refuse", "safe_complete", "comply"}
+    assert 0.30 <= card["benign_share"] <= 0.40
+    for cat, share in STAR41K_SHARES.items():  # harmful mix close to STAR-41K's
+        assert abs(card["harmful_shares"][cat] - share) < 0.05, cat
+    assert (corpus.loc[corpus["category"] == "benign", "decision"] == "comply").all()
+    assert corpus["id"].is_unique and corpus["prompt"].str.strip().str.lower().is_unique
+
+
+def test_corpus_traces_follow_the_format(corpus):
+    spec = load_spec()
+    for rec in corpus.itertuples():
+        own = spec.section(rec.category).number
+        assert f"section {own}." in rec.cot, f"{rec.id}: the reasoning must cite its own section {own}"
+        assert not re.search(r"(policy )?section \d", rec.answer, re.I), f"{rec.id}: answer mentions the policy"
+        assert "<think>" not in rec.cot + rec.answer and "</think>" not in rec.cot + rec.answer, rec.id
+        assert 15 <= len(rec.cot.split()) <= 160 and 8 <= len(rec.answer.split()) <= 220, rec.id
+    harmful = corpus[corpus["category"] != "benign"]
+    assert harmful["cot"].str.contains(r"\b(refuse|safe-complete|safe complete|comply)", case=False).mean() > 0.9
+    # refusals vary: no single opening dominates
+    openers = corpus.loc[corpus["decision"] == "refuse", "answer"].str.split().str[:3].str.join(" ")
+    assert openers.value_counts().iloc[0] / len(openers) < 0.25
+
+
+def _eval_prompts() -> dict[str, list[str]]:
+    """Offline evaluation sets (public benchmarks and the utility stand-ins)."""
+    from dalign.config import DatasetRef
+    from dalign.data import load_dataset
+
+    out = {}
+    for name in ("advbench", "harmbench", "dan", "mmlu", "asdiv", "strongreject"):
+        try:
+            out[name] = load_dataset(DatasetRef(name=name, source="offline"))["prompt"].tolist()
+        except Exception:  # a set not available offline is simply not checked here
+            continue
+    return out
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def test_corpus_does_not_overlap_evaluation_sets(corpus):
+    from dalign.data.dedup import find_overlap
+
+    evals = _eval_prompts()
+    assert {"advbench", "harmbench"} <= set(evals), "offline AdvBench/HarmBench are needed for this check"
+    train = corpus["prompt"].tolist()
+    for name, prompts in evals.items():
+        hits = find_overlap(train, prompts)
+        assert not hits, f"corpus prompts found in {name}: {[h.text[:80] for h in hits[:3]]}"
+    # near-duplicates of the short harmful-behaviour lists (a reworded AdvBench line would pass the exact check)
+    for name in ("advbench", "harmbench"):
+        ev = [_words(p) for p in evals[name]]
+        for text in train:
+            w = _words(text)
+            close = [e for e in ev if len(w | e) and len(w & e) / len(w | e) >= 0.7]
+            assert not close, f"corpus prompt {text[:80]!r} nearly repeats a {name} item"
+
+
+def test_corpus_errors_name_file_and_line(tmp_path):
+    good = {"id": "x-1", "prompt": "p", "category": "benign", "decision": "comply", "cot": "c", "answer": "a"}
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "x-2", "category": "cooking"}) + "\n")
+    with pytest.raises(CorpusError, match=r"t.jsonl:2: category 'cooking'"):
+        load_corpus([f])
+    f.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(CorpusError, match=r"t.jsonl:2: not valid JSON"):
+        load_corpus([f])
+    f.write_text(json.dumps({k: v for k, v in good.items() if k != "cot"}) + "\n")
+    with pytest.raises(CorpusError, match=r"t.jsonl:1: missing field\(s\) \['cot'\]"):
+        load_corpus([f])
+
+
+# ---------------------------------------------------------------- teach stage
+
+
+def _run(tmp_path, **over) -> RunDir:
+    cfg = load_config(overrides={"name": "r", "runs_dir": str(tmp_path), **over})
+    return RunDir.for_config(cfg)
+
+
+def test_teach_corpus_writes_schema_and_resumes(tmp_path):
+    from dalign.teach.stage import run_teach
+
+    run = _run(tmp_path, teach={"teacher": "corpus", "limit": 12})
+    out = run_teach(run)
+    traces = run.read("traces")
+    assert out == {"traces": 12, "new": 12, "malformed": 0, "teacher": "corpus"}
+    assert {"prompt_id", "prompt", "category", "cot", "answer", "teacher", "raw", "malformed"} <= set(traces.columns)
+    assert traces["prompt_id"].is_unique and not traces["malformed"].any()
+    assert (traces["raw"].str.contains("</think>")).all()
+    assert run_teach(run)["new"] == 0  # resumed: nothing redone
+
+
+def test_teach_hf_teacher_records_malformed(tmp_path, tiny_dir):
+    from dalign.teach.stage import run_teach
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "\n".join(json.dumps(r) for r in [{"prompt": "What is the capital of France?"}, {"prompt": "Pick a lock", "category": "illicit"}])
+    )
+    run = _run(tmp_path, teach={"teacher": f"hf:{tiny_dir}", "prompts": str(prompts), "max_new_tokens": 6,
+                                "temperature": 0.0, "batch_size": 2})  # fmt: skip
+    out = run_teach(run)
+    traces = run.read("traces").sort_values("prompt_id")
+    assert out["traces"] == 2 and traces["teacher"].eq(f"hf:{tiny_dir}").all()
+    assert traces["category"].tolist() == ["benign", "illicit"]
+    # A 6-token random model cannot close a thinking block: every trace is malformed and counted.
+    assert out["malformed"] == int(traces["malformed"].sum()) == 2
+    assert traces["answer"].isna().all() and traces["raw"].str.len().gt(0).all()
+    entry = run.stage_entry("teach")
+    assert entry["malformed"] == 2 and any("no category" in w for w in entry["warnings"])
+
+
+def test_hf_teacher_batches_match_single(tiny_dir):
+    """Left padding must not change greedy outputs."""
+    teacher = get_teacher(f"hf:{tiny_dir}", TeachConfig(max_new_tokens=8, temperature=0.0))
+    texts = ["Write a story about a dragon.", "Question: what is 12 plus 30?"]
+    assert teacher.generate(texts) == [teacher.generate([t])[0] for t in texts]
+
+
+# ---------------------------------------------------------------- openai-compatible teacher (local stub)
+
+
+class _Stub(BaseHTTPRequestHandler):
+    plan: list = []  # per request: ("ok", content) | ("reasoning", (reasoning, content)) | ("fail", code)
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append((body, self.headers.get("Authorization")))
+        kind, value = type(self).plan.pop(0) if type(self).plan else ("ok", "<think>r</think> a")
+        if kind == "fail":
+            self.send_response(value)
+            self.end_headers()
+            self.wfile.write(b"overloaded")
+            return
+        msg = {"role": "assistant", "content": value}
+        if kind == "reasoning":
+            msg = {"role": "assistant", "content": value[1], "reasoning_content": value[0]}
+        data = json.dumps({"choices": [{"message": msg, "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):  # keep pytest output quiet
+        pass
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Stub.plan, _Stub.seen = [], []
+    monkeypatch.setenv("DALIGN_OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/v1")
+    monkeypatch.setenv("DALIGN_OPENAI_API_KEY", "sk-test")
+    monkeypatch.setattr(OpenAITeacher, "backoff_s", 0.01)
+    yield _Stub
+    server.shutdown()
+
+
+def _req(i: int) -> TeachRequest:
+    return TeachRequest(f"q{i}", f"prompt {i}", "illicit", f"teacher prompt {i}")
+
+
+def test_openai_teacher_shapes_and_retries(stub):
+    stub.plan = [("fail", 503), ("ok", "<think>tagged</think> answer one"), ("reasoning", ("deliberation", "answer two"))]
+    teacher = get_teacher("openai:r1-distill", TeachConfig(batch_size=1, temperature=0.6, max_new_tokens=99))
+    rows = [r for batch in teacher.run([_req(1), _req(2)]) for r in batch]
+    assert [(r["cot"], r["answer"]) for r in rows] == [("tagged", "answer one"), ("deliberation", "answer two")]
+    body, auth = stub.seen[0]
+    assert auth == "Bearer sk-test" and body["model"] == "r1-distill" and body["max_tokens"] == 99
+    assert body["messages"] == [{"role": "user", "content": "teacher prompt 1"}]
+    assert len(stub.seen) == 3  # one retry after the 503
+
+
+def test_openai_teacher_gives_up_with_clear_error_and_keeps_finished(stub, tmp_path):
+    from dalign.teach.stage import run_teach
+
+    prompts = tmp_path / "p.csv"
+    pd.DataFrame({"id": ["a", "b", "c"], "question": ["x", "y", "z"], "category": ["illicit"] * 3}).to_csv(prompts)
+    stub.plan = [("ok", "<think>r</think> A"), ("ok", "<think>r</think> B")] + [("fail", 500)] * 5
+    run = _run(tmp_path, teach={"teacher": "openai:m", "prompts": str(prompts), "batch_size": 1})
+    with pytest.raises(TeacherError, match=r"failed 5 times.*kept"):
+        run_teach(run)
+    assert sorted(run.read("traces")["prompt_id"]) == ["a", "b"]  # finished traces survive
+    out = run_teach(run)  # endpoint back: only the missing prompt is asked
+    assert out["new"] == 1 and out["traces"] == 3
+
+
+def test_openai_teacher_needs_url_and_rejects_bad_requests(monkeypatch, stub):
+    stub.plan = [("fail", 400)]
+    with pytest.raises(TeacherError, match="rejected the request"):
+        get_teacher("openai:m", TeachConfig()).complete("hi")
+    assert len(stub.seen) == 1  # a 400 is not retried
+    monkeypatch.delenv("DALIGN_OPENAI_BASE_URL")
+    with pytest.raises(TeacherError, match="DALIGN_OPENAI_BASE_URL"):
+        get_teacher("openai:m", TeachConfig())
+
+
+def test_unreachable_endpoint(monkeypatch):
+    monkeypatch.setenv("DALIGN_OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # discard port: nothing listens
+    monkeypatch.setattr(OpenAITeacher, "backoff_s", 0.0)
+    monkeypatch.setattr(OpenAITeacher, "retries", 2)
+    with pytest.raises(TeacherError, match="failed 2 times"):
+        get_teacher("openai:m", TeachConfig()).complete("hi")
+
+
+# ---------------------------------------------------------------- filter stage
+
+
+class _FakeJudge:
+    """Labels by keyword so each branch of the filter is exercised."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def judge(self, items):
+        out = []
+        for it in items:
+            text = it["response"] or ""
+            label = "error" if "ERR" in text else "unsafe" if "UNSAFE" in text else "safe"
+            out.append({"label": label, "score": 1.0 if label == "unsafe" else 0.0, "raw": f"fake:{label}"})
+        return out
+
+
+def _write_traces(run: RunDir) -> None:
+    rows = [
+        ("t1", "illicit", "I won't help.", False),
+        ("t2", "illicit", "UNSAFE steps", False),
+        ("t3", "illicit", "ERR", False),
+        ("t4", "benign", "UNSAFE-looking but benign answer", False),
+        ("t5", "illicit", None, True),
+    ]
+    run.store("traces").write(
+        [
+            {"prompt_id": pid, "prompt": f"prompt {pid}", "category": cat, "cot": None if bad else "c",
+             "answer": ans, "teacher": "x", "raw": "<think>c" if bad else format_trace("c", ans), "malformed": bad}
+            for pid, cat, ans, bad in rows
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("judge_name", ["refusal", "llama-guard"])
+def test_filter_keeps_safe_and_never_keeps_errors(tmp_path, monkeypatch, judge_name):
+    import dalign.judge
+    from dalign.teach.stage import run_filter
+
+    monkeypatch.setattr(dalign.judge, "get_judge", lambda name, cfg=None: _FakeJudge(name))
+    run = _run(tmp_path, filter={"judge": judge_name})
+    _write_traces(run)
+    summary = run_filter(run)
+    f = run.read("filtered").set_index("prompt_id")
+    assert f.loc["t1", "kept"] and f.loc["t1", "label"] == "safe"
+    assert not f.loc["t2", "kept"] and not f.loc["t3", "kept"] and "error" in f.loc["t3", "reason"]
+    assert not f.loc["t5", "kept"] and f.loc["t5", "reason"].startswith("malformed") and pd.isna(f.loc["t5", "label"])
+    # only a refusal-detecting judge's "unsafe" on a benign request is read as "answered"
+    assert bool(f.loc["t4", "kept"]) == (judge_name == "refusal")
+    assert summary["judge_errors"] == 1 and summary["malformed"] == 1
+    assert summary["kept"] == (2 if judge_name == "refusal" else 1)
+
+
+def test_filter_with_the_real_refusal_judge_on_the_corpus(tmp_path):
+    from dalign.teach.stage import run_filter, run_teach
+
+    run = _run(tmp_path, teach={"teacher": "corpus"}, filter={"judge": "refusal"})
+    run_teach(run)
+    summary = run_filter(run)
+    f = run.read("filtered")
+    assert summary["traces"] == len(load_corpus())
+    assert f.loc[f["category"] == "benign", "kept"].all()
+    refusals = f.merge(load_corpus()[["id", "decision"]], left_on="prompt_id", right_on="id")
+    refusals = refusals[refusals["decision"] == "refuse"]
+    assert refusals["kept"].mean() > 0.9  # the judge recognises the corpus's refusals
+    assert summary["kept"] >= 0.6 * summary["traces"]
