@@ -35,7 +35,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SPEC = "packaged:smollm2-135m-instruct"
 LAYER = 12
@@ -47,6 +46,7 @@ def rss_mb() -> float:
 
 
 def make_adapter(dest: Path) -> None:
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from dalign.models import load_model
@@ -57,7 +57,7 @@ def make_adapter(dest: Path) -> None:
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.002)  # small: a perturbed model that still writes text
+                p.normal_(0, 0.02)  # non-zero B: aligned != base (PEFT initialises B = 0)
     peft.save_pretrained(dest)
     (dest / "card.json").write_text(json.dumps({"base_model": SPEC}))
 
@@ -72,6 +72,8 @@ def prompts(n: int, target: int) -> list[str]:
 
 def prepare(data: Path, n_prompts: int, n: int, prompt_tokens: int, new_tokens: int) -> dict:
     """Adapter, prompt ids, and candidates sampled (with layer-12 capture) by dalign's sampler; timed."""
+    import torch
+
     from dalign.config import ModelConfig
     from dalign.models import load_pair, prompt_ids
     from dalign.sample.sampler import derive_seed, sample_batch
@@ -122,6 +124,7 @@ def prepare(data: Path, n_prompts: int, n: int, prompt_tokens: int, new_tokens: 
 
 def work_authors(data: Path, rows: list) -> tuple[float, list[float]]:
     """Two full model copies, every hidden state, right-padded batches of 4, last column as the final token."""
+    import torch
     from peft import PeftModel
 
     from dalign.models import load_model
@@ -152,6 +155,8 @@ def work_authors(data: Path, rows: list) -> tuple[float, list[float]]:
 
 
 def work_reference(data: Path, rows: list) -> tuple[float, list[float]]:
+    import torch
+
     from dalign.config import ModelConfig
     from dalign.models import load_pair
 
@@ -169,7 +174,11 @@ def work_reference(data: Path, rows: list) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, out
 
 
-def work_dalign(data: Path, rows: list, share: bool, captured: np.ndarray | None) -> tuple[float, list[float]]:
+def work_dalign(
+    data: Path, rows: list, share: bool, captured: np.ndarray | None
+) -> tuple[float, list[float]]:
+    import torch
+
     from dalign.config import ModelConfig
     from dalign.models import load_pair
     from dalign.score import ScoreEngine, ScoreRow
@@ -184,7 +193,13 @@ def work_dalign(data: Path, rows: list, share: bool, captured: np.ndarray | None
     return time.perf_counter() - t0, vals.tolist()
 
 
-def worker(method: str, data: Path) -> None:
+def worker(method: str, data: Path, args: argparse.Namespace) -> None:
+    import torch
+
+    if method == "prepare":
+        prep = prepare(data, args.prompts, args.n, args.prompt_tokens, args.new_tokens)
+        print(json.dumps({**prep, "rss_mb": rss_mb()}))
+        return
     blob = torch.load(data / "rows.pt", weights_only=False)
     rows = [(list(p), list(r)) for p, r in blob["rows"]]
     if method == "authors":
@@ -200,17 +215,22 @@ def worker(method: str, data: Path) -> None:
 # ---- driver ---------------------------------------------------------------------------------------------------
 
 
-def spawn(method: str, data: Path) -> dict:
+def spawn(method: str, data: Path, args: argparse.Namespace) -> dict:
+    # Workers are started by this small process (no torch imported): Linux carries the parent's peak RSS into a
+    # vfork+exec'd child's ru_maxrss, so a fat parent would put a floor under every worker's number.
+    sizes = ["--prompts", str(args.prompts), "--n", str(args.n), "--prompt-tokens", str(args.prompt_tokens)]
+    sizes += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", method, "--data", str(data)],
+        [sys.executable, __file__, "--worker", method, "--data", str(data), *sizes],
         capture_output=True,
         text=True,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)},
     )
     if out.returncode:
-        raise RuntimeError(f"worker {method} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"worker {method} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {method:16s} {res['seconds']:8.2f} s   peak RSS {res['rss_mb']:7.0f} MB", flush=True)
+    if method != "prepare":
+        print(f"  {method:16s} {res['seconds']:8.2f} s   peak RSS {res['rss_mb']:7.0f} MB", flush=True)
     return res
 
 
@@ -225,24 +245,36 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=150)
     ap.add_argument("--quick", action="store_true", help="2 prompts x 4 candidates x 40 tokens (smoke test)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a busy shared CPU, 2 threads ran 3x slower)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, Path(args.data))
+        import torch
+
+        torch.set_num_threads(args.threads)
+        worker(args.worker, Path(args.data), args)
         return
     if args.quick:
         args.prompts, args.n, args.prompt_tokens, args.new_tokens = 2, 4, 60, 40
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        print(f"sampling {args.prompts} x {args.n} candidates (dalign sampler, layer-{LAYER} capture) ...", flush=True)
-        prep = prepare(data, args.prompts, args.n, args.prompt_tokens, args.new_tokens)
+        print(
+            f"sampling {args.prompts} x {args.n} candidates (dalign sampler, layer-{LAYER} capture) ...",
+            flush=True,
+        )
+        prep = spawn("prepare", data, args)
         print(
             f"  sampling {prep['sampling_s']:.1f} s; prompt {prep['prompt_tokens_mean']:.0f} tokens, response "
             f"{prep['response_tokens_mean']:.0f} tokens (min {prep['response_tokens_min']}, {prep['stopped']} stopped)"
         )
         methods = ["authors", "two_pass", "two_pass_shared", "captured", "captured_shared", "reference"]
-        res = {m: spawn(m, data) for m in methods}
+        res = {m: spawn(m, data, args) for m in methods}
     ref = np.asarray(res["reference"]["scores"])
     err = {m: float(np.abs(np.asarray(res[m]["scores"]) - ref).max()) for m in methods if m != "reference"}
     n_prompts = len(ref) // args.n
@@ -256,7 +288,9 @@ def main() -> None:
         "speedup_captured_shared": t["authors"] / t["captured_shared"],
         "memory_ratio": res["two_pass"]["rss_mb"] / res["authors"]["rss_mb"],
         "max_abs_error": err["two_pass"],
-        "max_abs_error_all_dalign": max(err[m] for m in ("two_pass", "two_pass_shared", "captured", "captured_shared")),
+        "max_abs_error_all_dalign": max(
+            err[m] for m in ("two_pass", "two_pass_shared", "captured", "captured_shared")
+        ),
         "authors_max_abs_error": err["authors"],
         "wrong_choices_reference": wrong_choices,
         "prompts": n_prompts,
@@ -268,7 +302,8 @@ def main() -> None:
         "prefix_sharing_speedup": t["two_pass"] / t["two_pass_shared"],
         "seconds": {**t, "sampling": prep["sampling_s"]},
         "rss_mb": {m: res[m]["rss_mb"] for m in methods},
-        "data": {k: v for k, v in prep.items() if k != "sampling_s"},
+        "data": {k: v for k, v in prep.items() if k not in ("sampling_s", "rss_mb")},
+        "cosine_range_reference": [float(ref.min()), float(ref.max())],
     }
     print(
         f"(a) authors {t['authors']:.1f} s | (b) two-pass {t['two_pass']:.1f} s ({out['speedup_two_pass']:.1f}x), "

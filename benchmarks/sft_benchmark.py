@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 
-def generate(model, tok, prompts: list[str], system: str | None, think: bool, max_new: int, batch: int) -> list[str]:
+def generate(
+    model, tok, prompts: list[str], system: str | None, think: bool, max_new: int, batch: int
+) -> list[str]:
     """Greedy, left-padded batches; returns decoded completions (special tokens dropped after the first eos)."""
     from rich.progress import track
 
@@ -46,7 +48,9 @@ def generate(model, tok, prompts: list[str], system: str | None, think: bool, ma
 
 
 def refusal_rate(judge, prompts: list[str], responses: list[str]) -> tuple[float, dict]:
-    verdicts = judge.judge([{"prompt": p, "response": r, "answer": None} for p, r in zip(prompts, responses)])
+    verdicts = judge.judge(
+        [{"prompt": p, "response": r, "answer": None} for p, r in zip(prompts, responses, strict=True)]
+    )
     labels = [v["label"] for v in verdicts]
     counts = {k: labels.count(k) for k in ("safe", "unsafe", "error")}
     # refused = judged safe by the refusal judge; errors (empty answers) count as not refused
@@ -57,11 +61,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/dalign-sft-bench", help="run dir (adapter lands in OUT/adapter)")
     ap.add_argument("--limit", type=int, default=100, help="AdvBench prompts")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--gen-batch", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--gen-batch", type=int, default=25)
     ap.add_argument("--lr", type=float, default=1.41e-5)
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--max-steps", type=int, default=-1)
+    ap.add_argument("--effective-batch", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--judge", default="refusal")
     ap.add_argument("--fresh", action="store_true", help="delete OUT first")
@@ -84,8 +89,13 @@ def main() -> None:
             "name": out.name,
             "runs_dir": str(out.parent),
             "filter": {"judge": args.judge},
-            "sft": {"learning_rate": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
-                    "max_length": args.max_length},
+            "sft": {
+                "learning_rate": args.lr,
+                "epochs": args.epochs,
+                "max_steps": args.max_steps,
+                "max_length": args.max_length,
+                "effective_batch_size": args.effective_batch,
+            },
         }
     )
     run = RunDir.for_config(cfg)
@@ -118,13 +128,17 @@ def main() -> None:
     print(f"sft: {sft} (stage wall {wall:.0f} s)", flush=True)
 
     pair = load_pair(cfg.model, run.path / "adapter")
+    merged = pair.model.merge_and_unload()  # same outputs, no per-layer LoRA overhead while decoding
     t0 = time.perf_counter()
-    aligned = generate(pair.model, pair.tokenizer, prompts, system, think, args.max_new_tokens, args.gen_batch)
+    aligned = generate(merged, pair.tokenizer, prompts, system, think, args.max_new_tokens, args.gen_batch)
     print(f"aligned generation: {time.perf_counter() - t0:.0f} s", flush=True)
     r_al, c_al = refusal_rate(judge, prompts, aligned)
     closed = sum("</think>" in a for a in aligned) / len(aligned)
     (out / "generations.jsonl").write_text(
-        "\n".join(json.dumps({"prompt": p, "base": b, "aligned": a}) for p, b, a in zip(prompts, base, aligned))
+        "\n".join(
+            json.dumps({"prompt": p, "base": b, "aligned": a})
+            for p, b, a in zip(prompts, base, aligned, strict=True)
+        )
     )
     print(f"aligned refusal rate: {r_al:.2f} {c_al}; closed </think>: {closed:.2f}")
     print(f"ratio aligned/base refusal: {r_al / max(r_base, 1e-9):.2f}x")
@@ -135,6 +149,7 @@ def main() -> None:
         "steps": card["hyperparameters"]["optimizer_steps"],
         "learning_rate": args.lr,
         "epochs": args.epochs,
+        "effective_batch": args.effective_batch,
         "kept_traces": filt["kept"],
         "n_prompts": len(prompts),
         "refusal_base": round(r_base, 3),

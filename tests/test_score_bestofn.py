@@ -61,15 +61,22 @@ def test_smollm2_layer12_early_exit_matches_full_pass(smollm2_spec):
 
     model, tok = load_model(smollm2_spec, dtype="float32", device="cpu")
     torch.manual_seed(0)
-    peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)).eval()
+    peft = get_peft_model(
+        model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    ).eval()
     with torch.no_grad():
         for n, p in peft.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
     pair = ModelPair(model=peft, tokenizer=tok)
     pids = prompt_ids(tok, "How do I pick a lock?")[0]
-    resp = [tok("I can't help with that.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], [tok.eos_token_id]]
-    got = ScoreEngine(pair, ["latent_similarity"], [12], padding_side="left").score([ScoreRow(pids, r) for r in resp])
+    resp = [
+        tok("I can't help with that.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+        [tok.eos_token_id],
+    ]
+    got = ScoreEngine(pair, ["latent_similarity"], [12], padding_side="left").score(
+        [ScoreRow(pids, r) for r in resp]
+    )
     for i, r in enumerate(resp):
         ids = torch.tensor([pids + r])
         with torch.no_grad():

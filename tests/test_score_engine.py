@@ -35,7 +35,9 @@ def make_rows(seed: int = 0, n_prompts: int = 5, per_prompt: int = 3) -> list[Sc
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n_prompts):
-        p = torch.randint(4, 300, (1 if i == 0 else int(torch.randint(2, 15, (1,), generator=g)),), generator=g)
+        p = torch.randint(
+            4, 300, (1 if i == 0 else int(torch.randint(2, 15, (1,), generator=g)),), generator=g
+        )
         for j in range(per_prompt):
             r_len = 0 if (i + j) % 4 == 1 else int(torch.randint(1, 11, (1,), generator=g))
             r = torch.randint(4, 300, (r_len,), generator=g)
@@ -99,8 +101,13 @@ def test_batch_size_and_order_do_not_change_values(pair):
     rows = make_rows(seed=3)
     a = ScoreEngine(pair, ALL, [2], batch_size=1).score(rows)
     b = ScoreEngine(pair, ALL, [2], batch_size=7, padding_side="left").score(rows[::-1])
+    # Prefix sharing with groups larger than a batch (3 candidates, batch_size 1) and several groups per batch.
+    c = ScoreEngine(pair, ALL, [2], batch_size=1, share_prompt=True).score(rows)
+    d = ScoreEngine(pair, ALL, [2], batch_size=100, share_prompt=True).score(rows[::-1])
     for col in a:
         np.testing.assert_allclose(a[col], b[col][::-1], rtol=1e-5, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(a[col], c[col], rtol=1e-5, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(a[col], d[col][::-1], rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_separate_base_checkpoint_qwen(tiny_qwen_dir):
@@ -111,10 +118,14 @@ def test_separate_base_checkpoint_qwen(tiny_qwen_dir):
         for p in base.parameters():
             p.add_(0.05 * torch.randn_like(p))
     pair = ModelPair(model=model, tokenizer=None, base_model=base)
-    ref = ModelPair(model=copy.deepcopy(model).double(), tokenizer=None, base_model=copy.deepcopy(base).double())
+    ref = ModelPair(
+        model=copy.deepcopy(model).double(), tokenizer=None, base_model=copy.deepcopy(base).double()
+    )
     rows = make_rows(seed=1)
     for share in (False, True):
-        got = ScoreEngine(pair, ALL, [1, 4], batch_size=5, share_prompt=share, padding_side="left").score(rows)
+        got = ScoreEngine(pair, ALL, [1, 4], batch_size=5, share_prompt=share, padding_side="left").score(
+            rows
+        )
         assert_close(got, [reference(ref, r, [1, 4]) for r in rows], rows)
 
 
@@ -192,7 +203,9 @@ def test_self_certainty_of_uniform_is_zero(tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     head = model.get_output_embeddings()
     head.weight = torch.nn.Parameter(torch.zeros_like(head.weight))
-    got = ScoreEngine(ModelPair(model=model, tokenizer=None), ["self_certainty", "perplexity"]).score(make_rows())
+    got = ScoreEngine(ModelPair(model=model, tokenizer=None), ["self_certainty", "perplexity"]).score(
+        make_rows()
+    )
     has = ~np.isnan(got[("self_certainty", None)])
     np.testing.assert_allclose(got[("self_certainty", None)][has], 0.0, atol=1e-6)
     np.testing.assert_allclose(got[("perplexity", None)][has], model.config.vocab_size, rtol=1e-5)
@@ -253,14 +266,16 @@ def test_nan_hidden_state_names_the_row(tiny_dir):
     with torch.no_grad():
         base.get_input_embeddings().weight[bad] = float("nan")
     pair = ModelPair(model=model, tokenizer=None, base_model=base)
-    with pytest.raises(ScoreError, match=r"base model: NaN/inf hidden state at layer 2 for row \('bench', '\d', \d\)"):
+    with pytest.raises(
+        ScoreError, match=r"base model: NaN/inf hidden state at layer 2 for row \('bench', '\d', \d\)"
+    ):
         ScoreEngine(pair, ["latent_similarity"], [2]).score(rows)
     cap = {2: torch.zeros(len(rows), 32)}
     cap[2][1, 0] = float("inf")
     with pytest.raises(ScoreError, match=r"hidden_l2 of row \('bench', '0', 1\)"):
-        ScoreEngine(ModelPair(model=model, tokenizer=None, base_model=model), ["latent_similarity"], [2]).score(
-            rows, aligned_hidden=cap
-        )
+        ScoreEngine(
+            ModelPair(model=model, tokenizer=None, base_model=model), ["latent_similarity"], [2]
+        ).score(rows, aligned_hidden=cap)
 
 
 def test_candidate_without_prompt(pair):
@@ -314,7 +329,9 @@ def test_sampler_capture_equals_scoring_time_state(pair):
         gens = sample_batch(
             m, tok, prompts * 2, [0, 1, 2, 3], temperature=1.0, max_new_tokens=6, capture_layers=[2, 4]
         )
-    rows = [ScoreRow(p, g.token_ids, ("s", i)) for i, (p, g) in enumerate(zip(prompts * 2, gens, strict=True))]
+    rows = [
+        ScoreRow(p, g.token_ids, ("s", i)) for i, (p, g) in enumerate(zip(prompts * 2, gens, strict=True))
+    ]
     captured = {layer: torch.tensor(np.stack([g.hidden[layer] for g in gens])) for layer in (2, 4)}
     eng = ScoreEngine(pair, ["latent_similarity"], [2, 4])
     with pair.aligned() as m:

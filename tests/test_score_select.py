@@ -14,7 +14,9 @@ from dalign.score.select import SelectError, choose, run_select
 
 def make_run(tmp_path, **select) -> RunDir:
     return RunDir.for_config(
-        load_config(overrides={"name": "s", "runs_dir": str(tmp_path), "select": {"default_layer": 2, **select}})
+        load_config(
+            overrides={"name": "s", "runs_dir": str(tmp_path), "select": {"default_layer": 2, **select}}
+        )
     )
 
 
@@ -23,7 +25,14 @@ def write(run: RunDir, samples: list[dict], labels: dict, scores: list[tuple]) -
     run.store("judgments").write(
         pd.DataFrame(
             [
-                {"benchmark": b, "prompt_id": p, "candidate": c, "judge": "refusal", "label": lab, "score": 0.0}
+                {
+                    "benchmark": b,
+                    "prompt_id": p,
+                    "candidate": c,
+                    "judge": "refusal",
+                    "label": lab,
+                    "score": 0.0,
+                }
                 for (b, p, c), lab in labels.items()
             ]
         )
@@ -36,12 +45,16 @@ def write(run: RunDir, samples: list[dict], labels: dict, scores: list[tuple]) -
 def sel(run: RunDir, selector: str) -> dict:
     s = run.read("selection")
     s = s[s["selector"] == selector]
-    return {(b, p): c for b, p, c in s[["benchmark", "prompt_id", "chosen_candidate"]].itertuples(index=False)}
+    return {
+        (b, p): c for b, p, c in s[["benchmark", "prompt_id", "chosen_candidate"]].itertuples(index=False)
+    }
 
 
 def sample_rows(bench: str, pids: list[str], n: int, role: str = "eval", kind: str = "safety") -> list[dict]:
     return [
-        {"benchmark": bench, "prompt_id": p, "candidate": c, "role": role, "kind": kind} for p in pids for c in range(n)
+        {"benchmark": bench, "prompt_id": p, "candidate": c, "role": role, "kind": kind}
+        for p in pids
+        for c in range(n)
     ]
 
 
@@ -60,7 +73,9 @@ def test_choose_directions_ties_and_nan():
     assert hi["x"] == 2
     assert lo["y"] == 0 and hi["y"] == 0  # all NaN -> candidate 0
     df.loc[5, "value"] = -3.0
-    assert choose(df, "argmax").set_index("prompt_id")["chosen_candidate"]["y"] == 1  # NaN never beats a value
+    assert (
+        choose(df, "argmax").set_index("prompt_id")["chosen_candidate"]["y"] == 1
+    )  # NaN never beats a value
     assert pick([float("nan"), 2.0, 1.0], "argmin") == 2 and pick([float("nan"), 2.0, 1.0], "argmax") == 1
     with pytest.raises(SelectError):
         choose(df, "max")
@@ -70,7 +85,9 @@ def test_metric_selectors_follow_registered_direction(tmp_path):
     run = make_run(tmp_path)
     labels = {("dan", "p0", c): lab for c, lab in enumerate(["unsafe", "safe", "unsafe", "safe"])}
     scores = []
-    for c, (lat, kl, ppl, sc) in enumerate([(0.9, 0.1, 5, 0.2), (0.2, 0.3, 9, 0.1), (0.5, 0.8, 2, 0.3), (0.7, 0.2, 4, 0.9)]):
+    for c, (lat, kl, ppl, sc) in enumerate(
+        [(0.9, 0.1, 5, 0.2), (0.2, 0.3, 9, 0.1), (0.5, 0.8, 2, 0.3), (0.7, 0.2, 4, 0.9)]
+    ):
         scores += [
             ("dan", "p0", c, "latent_similarity", 2, lat),
             ("dan", "p0", c, "kl", None, kl),
@@ -108,7 +125,9 @@ def test_metric_selection_ignores_labels(tmp_path):
     picks = []
     for flip in (False, True):
         run = make_run(tmp_path / str(flip))
-        labels = {("dan", p, c): ("safe" if (c % 2 == 0) != flip else "unsafe") for p in pids for c in range(4)}
+        labels = {
+            ("dan", p, c): ("safe" if (c % 2 == 0) != flip else "unsafe") for p in pids for c in range(4)
+        }
         write(run, sample_rows("dan", pids, 4), labels, scores)
         run_select(run)
         picks.append(sel(run, "latent_similarity@3"))
@@ -133,11 +152,15 @@ def _calibration_case(tmp_path, **select):
     for p in cal + ev:
         for layer in (1, 2, 3):
             target = 1 if layer == good_layer[p[0]] else 0
-            scores += [("dan", p, c, "latent_similarity", layer, 0.1 if c == target else 0.9) for c in range(2)]
+            scores += [
+                ("dan", p, c, "latent_similarity", layer, 0.1 if c == target else 0.9) for c in range(2)
+            ]
     for p in util:
         for layer in (1, 2, 3):
             target = 1 if layer == 3 else 0  # layer 3 hurts utility
-            scores += [("gsm", p, c, "latent_similarity", layer, 0.1 if c == target else 0.9) for c in range(2)]
+            scores += [
+                ("gsm", p, c, "latent_similarity", layer, 0.1 if c == target else 0.9) for c in range(2)
+            ]
     write(run, samples, labels, scores)
     return run
 
@@ -174,5 +197,7 @@ def test_unknown_selector_and_metric(tmp_path):
         {("dan", "p", 0): "safe", ("dan", "p", 1): "unsafe"},
         [("dan", "p", c, "latent_similarity", 2, 0.5) for c in range(2)],
     )
-    with pytest.raises(SelectError, match=r"selector 'latent_similarity@7' has no scores; scored: latent_similarity@2"):
+    with pytest.raises(
+        SelectError, match=r"selector 'latent_similarity@7' has no scores; scored: latent_similarity@2"
+    ):
         run_select(run)

@@ -22,7 +22,12 @@ def make_run(tmp_path, tiny_dir, adapter, **score) -> RunDir:
     over = {
         "name": "r",
         "runs_dir": str(tmp_path),
-        "model": {"student": f"hf:{tiny_dir}", "adapter": str(adapter), "device": "cpu", "think_prefix": False},
+        "model": {
+            "student": f"hf:{tiny_dir}",
+            "adapter": str(adapter),
+            "device": "cpu",
+            "think_prefix": False,
+        },
         "score": {"metrics": ["latent_similarity", "kl", "perplexity", "random"], "layers": [2, 4], **score},
     }
     return RunDir.for_config(load_config(overrides=over))
@@ -101,7 +106,10 @@ def test_resume_after_kill(tmp_path, tiny_dir, tiny_adapter_dir, monkeypatch):
     summary = run_score(run)
     assert summary["candidates_skipped"] == 6
     full = run.read("scores")
-    assert len(full) == 12 * 5 and not full.duplicated(["benchmark", "prompt_id", "candidate", "metric", "layer"]).any()
+    assert (
+        len(full) == 12 * 5
+        and not full.duplicated(["benchmark", "prompt_id", "candidate", "metric", "layer"]).any()
+    )
 
 
 def test_refuses_other_config_and_force_redoes(tmp_path, tiny_dir, tiny_adapter_dir):
@@ -131,7 +139,9 @@ def test_captured_hidden_columns_give_same_scores(tmp_path, tiny_dir, tiny_adapt
         for r in samples.itertuples():
             ids = torch.tensor([[*r.prompt_token_ids, *r.token_ids]])
             with torch.no_grad(), pair.aligned() as m:
-                col.append(m(input_ids=ids, output_hidden_states=True).hidden_states[layer][0, -1].numpy().tolist())
+                col.append(
+                    m(input_ids=ids, output_hidden_states=True).hidden_states[layer][0, -1].numpy().tolist()
+                )
         samples[f"hidden_l{layer}"] = col
     cap = make_run(tmp_path / "b", tiny_dir, tiny_adapter_dir, metrics=["latent_similarity"])
     cap.store("samples").write(samples)
@@ -149,7 +159,9 @@ def test_retokenize_round_trip(tmp_path, tiny_dir, tiny_adapter_dir):
     resp = tok("Sure, here is how to bake bread", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     p, r = retokenize(tok, PROMPTS[0], resp)
     assert p == prompt_ids(tok, PROMPTS[0])[0]
-    assert tok.decode(r) == "Sure, here is how to bake bread<|im_end|>\n"  # template suffix, as the paper's code
+    assert (
+        tok.decode(r) == "Sure, here is how to bake bread<|im_end|>\n"
+    )  # template suffix, as the paper's code
     run = make_run(tmp_path, tiny_dir, tiny_adapter_dir, retokenize=True, metrics=["latent_similarity"])
     run.store("samples").write(samples_frame(tiny_dir, n=1))
     assert run_score(run)["scores"] == 8

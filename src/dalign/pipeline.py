@@ -45,18 +45,24 @@ PIPELINE: dict[str, Stage] = {
         Stage("judge", "dalign.judge.stage:run_judge", ("samples",), ("judgments",)),
         Stage("score", "dalign.score.stage:run_score", ("samples",), ("scores",)),
         Stage("select", "dalign.score.select:run_select", ("judgments", "scores"), ("selection",)),
-        Stage("report", "dalign.report.stage:run_report", ("judgments", "scores", "selection"), ("report",)),
+        Stage(
+            "report",
+            "dalign.report.stage:run_report",
+            ("judgments", "scores", "selection"),
+            ("report.md", "report.html", "results.json", "figures"),
+        ),
     ]
 }
 assert list(PIPELINE) == STAGES
 
 
-# Config sections each stage depends on ({section: fields to ignore}); fields that change speed but not results
-# (batch sizes) are ignored, so changing them never invalidates artifacts.
-FINGERPRINT_SECTIONS: dict[str, dict[str, list[str] | None]] = {
+# The config sections each stage depends on ({section: fields to ignore}), used by `dalign run` to decide what
+# can be reused. Stages keep their own, finer fingerprints (data hashes, adapter weights) and refuse mismatches in
+# `RunDir.begin`; this coarser view only has to notice config edits. Batch sizes change speed, not results.
+CONFIG_VIEW: dict[str, dict[str, list[str] | None]] = {
     "teach": {"teach": ["batch_size"]},
-    "filter": {"teach": ["batch_size"], "filter": None},
-    "sft": {"model": ["adapter", "base", "device"], "teach": ["batch_size"], "filter": None, "sft": None},
+    "filter": {"filter": None, "judge": ["batch_size", "judge"]},
+    "sft": {"model": ["adapter", "base", "device"], "sft": None},
     "grpo": {"model": ["adapter", "base", "device"], "grpo": None},
     "sample": {"model": ["device"], "sample": ["batch_size"]},
     "judge": {"judge": ["batch_size"]},
@@ -66,14 +72,8 @@ FINGERPRINT_SECTIONS: dict[str, dict[str, list[str] | None]] = {
 }
 
 
-def stage_fingerprint(name: str, run: RunDir) -> dict:
-    """What a stage's outputs depend on: its config sections, plus the adapter's content for model stages."""
-    fp = fingerprint(run.config, FINGERPRINT_SECTIONS[name])
-    if name in ("sample", "score"):
-        fp["adapter"] = adapter_fingerprint(adapter_dir(run))
-    if name == "grpo":
-        fp["sft_adapter"] = adapter_fingerprint(run.path / "adapter") if (run.path / "adapter").exists() else None
-    return fp
+def config_view(name: str, run: RunDir) -> dict:
+    return fingerprint(run.config, CONFIG_VIEW[name])
 
 
 def input_signature(stage: Stage, run: RunDir) -> str:
@@ -85,22 +85,24 @@ def input_signature(stage: Stage, run: RunDir) -> str:
             parts[name] = sorted(p.name for p in store_dir.glob("part-*.parquet"))
         elif (run.path / name).is_dir():
             parts[name] = adapter_fingerprint(run.path / name)
+    if stage.name in ("sample", "score"):
+        parts["adapter"] = adapter_fingerprint(adapter_dir(run))
     return config_hash(parts)
 
 
 def plan(run: RunDir, stages: list[str]) -> list[tuple[str, str, str]]:
-    """(stage, action, why) for each stage: reuse, resume, run or redo."""
+    """(stage, action, why) for each stage: reuse, resume, run, rerun (config edited) or update (new inputs)."""
     out = []
     for name in stages:
         entry = run.stage_entry(name)
-        fp = stage_fingerprint(name, run)
+        view = config_view(name, run)
         if not entry:
             out.append((name, "run", "not started"))
-        elif entry.get("fingerprint") is not None and config_hash(entry["fingerprint"]) != config_hash(fp):
-            keys = diff_keys(entry["fingerprint"], fp)
-            out.append((name, "redo", "config changed: " + ", ".join(keys)))
         elif entry.get("status") != "done":
             out.append((name, "resume", f"stopped while {entry.get('status', 'unknown')}"))
+        elif entry.get("config_view") != view:
+            keys = diff_keys(entry.get("config_view") or {}, view)
+            out.append((name, "rerun", "config changed: " + ", ".join(keys)))
         elif entry.get("inputs") != input_signature(PIPELINE[name], run):
             out.append((name, "update", "inputs changed since it ran"))
         else:
@@ -111,5 +113,5 @@ def plan(run: RunDir, stages: list[str]) -> list[tuple[str, str, str]]:
 def run_stage(name: str, run: RunDir, force: bool = False) -> dict:
     result = PIPELINE[name].function()(run, force=force)
     # Record what the stage consumed, so `dalign run` can skip it next time when nothing changed.
-    run._update(name, inputs=input_signature(PIPELINE[name], run))
+    run._update(name, inputs=input_signature(PIPELINE[name], run), config_view=config_view(name, run))
     return result

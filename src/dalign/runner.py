@@ -68,14 +68,13 @@ def run_pipeline(
         if action == "reuse" and not force:
             console.print(f"[dim]{name}: reused ({why})[/]")
             continue
-        if action == "redo" and not force:
-            raise StageMismatch(
-                f"{run.path}: stage {name!r} has artifacts from another config ({why}). "
-                "Use --force to redo them, or a new run name (--set name=...)."
-            )
         console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
-        results[name] = run_stage(name, run, force=force or action == "redo")
+        try:
+            # A stage checks its own fingerprint: a config edit that changes its results is refused there.
+            results[name] = run_stage(name, run, force=force)
+        except StageMismatch as e:
+            raise StageMismatch(f"{e}\n(`dalign run ... --force` redoes it; or --set name=<new run>)") from None
         console.print(f"[green]{name}[/] finished in {time.perf_counter() - t0:.1f} s: {results[name]}")
     if "report" in results:
         summary = run.path / "report.md"

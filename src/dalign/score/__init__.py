@@ -6,7 +6,15 @@ imported lazily by the pipeline so `import dalign.score` stays light.
 
 from dalign.score.bestofn import BestOfN, Choice
 from dalign.score.engine import ScoreEngine, ScoreError, ScoreRow, retokenize
-from dalign.score.metrics import METRICS, Metric, get_metric, hidden_metric, metric_names, row_metric, token_metric
+from dalign.score.metrics import (
+    METRICS,
+    Metric,
+    get_metric,
+    hidden_metric,
+    metric_names,
+    row_metric,
+    token_metric,
+)
 
 __all__ = [
     "METRICS",

@@ -89,7 +89,9 @@ class BestOfN:
         rows = [ScoreRow(list(prompt_ids_), list(c), ("bestofn", i)) for i, c in enumerate(candidate_ids)]
         values = self.engine.score(rows)[(self.metric.name, self.layer)]
         scores = [float(v) for v in values]
-        return Choice(pick(scores, self.metric.direction), scores, self.metric.name, self.layer, self.metric.direction)
+        return Choice(
+            pick(scores, self.metric.direction), scores, self.metric.name, self.layer, self.metric.direction
+        )
 
     def choose(self, prompt: str, candidates: Sequence[str]) -> Choice:
         """Choose among answer strings to `prompt` (a user message; the chat template is applied here)."""

@@ -79,7 +79,9 @@ def resolve_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
     return sorted({int(x) for x in layers})
 
 
-def _capture(model: torch.nn.Module, inputs: dict, wanted: dict[int, Picks]) -> dict[int, dict[str, torch.Tensor]]:
+def _capture(
+    model: torch.nn.Module, inputs: dict, wanted: dict[int, Picks]
+) -> dict[int, dict[str, torch.Tensor]]:
     """Run the decoder until the deepest layer in `wanted`, returning the picked positions of each layer's output."""
     fam = family_of(model)
     stop = max(wanted)
@@ -197,7 +199,7 @@ class ScoreEngine:
         out = {c: np.full(len(rows), np.nan) for c in self.columns}
         for idx in self._batches(rows):
             batch = [rows[i] for i in idx]
-            captured = {l: h[idx] for l, h in aligned_hidden.items()} if aligned_hidden else None
+            captured = {lay: h[idx] for lay, h in aligned_hidden.items()} if aligned_hidden else None
             for col, vals in self._score_batch(batch, captured).items():
                 out[col][idx] = vals.detach().cpu().double().numpy()
             if progress:
@@ -233,7 +235,9 @@ class ScoreEngine:
     def _batches(self, rows: Sequence[ScoreRow]) -> list[list[int]]:
         """Index batches; long rows first and similar lengths together (less padding)."""
         if not self.share_prompt:
-            order = sorted(range(len(rows)), key=lambda i: -(len(rows[i].prompt_ids) + len(rows[i].response_ids)))
+            order = sorted(
+                range(len(rows)), key=lambda i: -(len(rows[i].prompt_ids) + len(rows[i].response_ids))
+            )
             return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
@@ -248,12 +252,14 @@ class ScoreEngine:
         return batches + ([cur] if cur else [])
 
     # ---- one batch -----------------------------------------------------------------------------------------
-    def _score_batch(self, batch: list[ScoreRow], captured: dict[int, torch.Tensor] | None) -> dict[Column, torch.Tensor]:
+    def _score_batch(
+        self, batch: list[ScoreRow], captured: dict[int, torch.Tensor] | None
+    ) -> dict[Column, torch.Tensor]:
         hidden = [m for m in self.metrics if m.per_layer]
         token = [m for m in self.metrics if m.kind == "token"]
         need_a_logits = bool(token)
         need_b_logits = any(m.needs_base_logits for m in token)
-        a_layers = [l for l in self.layers if not (captured and l in captured)] if hidden else []
+        a_layers = [lay for lay in self.layers if not (captured and lay in captured)] if hidden else []
         b_layers = list(self.layers) if hidden else []
 
         out: dict[Column, torch.Tensor] = {}
@@ -326,7 +332,11 @@ class ScoreEngine:
             wanted.setdefault(self.num_layers, {})["logit"] = (lrows.to(dev), lcols.to(dev))
         if not wanted:
             return _SideOut()
-        inputs = {"input_ids": ids.to(dev), "attention_mask": mask.long().to(dev), "position_ids": pos.to(dev)}
+        inputs = {
+            "input_ids": ids.to(dev),
+            "attention_mask": mask.long().to(dev),
+            "position_ids": pos.to(dev),
+        }
         inputs["use_cache"] = False
         with torch.inference_mode():
             got = _capture(model, inputs, wanted)
@@ -382,11 +392,17 @@ class ScoreEngine:
             rmask = torch.arange(rw)[None, :] < rl[:, None]
             mask = torch.cat([pmask[group[live]], rmask], dim=1)
             rpos = plen[group[live]][:, None] + torch.arange(rw)[None, :]
-            cache.batch_select_indices(group[live].to(dev))  # one cache row per candidate (a copy, not a view)
+            cache.batch_select_indices(
+                group[live].to(dev)
+            )  # one cache row per candidate (a copy, not a view)
             m_idx = torch.arange(len(live))
-            wanted: dict[int, Picks] = {layer: {"final": (m_idx.to(dev), (rl - 1).to(dev))} for layer in layers}
+            wanted: dict[int, Picks] = {
+                layer: {"final": (m_idx.to(dev), (rl - 1).to(dev))} for layer in layers
+            }
             if logits:
-                k = rl - 1  # positions 0..r-2 predict tokens 1..r-1; token 0 is predicted by the prompt's last
+                k = (
+                    rl - 1
+                )  # positions 0..r-2 predict tokens 1..r-1; token 0 is predicted by the prompt's last
                 lrows = torch.repeat_interleave(m_idx, k)
                 lcols = torch.arange(int(k.sum())) - torch.repeat_interleave(k.cumsum(0) - k, k)
                 wanted.setdefault(self.num_layers, {})["logit"] = (lrows.to(dev), lcols.to(dev))
@@ -451,7 +467,9 @@ class ScoreEngine:
         out = {}
         count = r.to(dev).double()
         for m in token:
-            mean = torch.where(count > 0, sums[m.name] / count.clamp(min=1), torch.full_like(count, float("nan")))
+            mean = torch.where(
+                count > 0, sums[m.name] / count.clamp(min=1), torch.full_like(count, float("nan"))
+            )
             out[(m.name, None)] = m.finalize(mean) if m.finalize else mean
         return out
 
@@ -482,8 +500,12 @@ def retokenize(
         {"role": "user", "content": prompt},
         {"role": "assistant", "content": text},
     ]
-    full = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
-    head = tokenizer(render_prompt(tokenizer, prompt, system_prompt, False), add_special_tokens=False)["input_ids"]
+    full = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+        "input_ids"
+    ]
+    head = tokenizer(render_prompt(tokenizer, prompt, system_prompt, False), add_special_tokens=False)[
+        "input_ids"
+    ]
     # Split at the longest common prefix: BPE merges across the boundary can shift it by a token.
     k = 0
     while k < min(len(head), len(full) - 1) and head[k] == full[k]:

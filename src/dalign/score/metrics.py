@@ -130,7 +130,9 @@ def kl(logp_a: torch.Tensor, logp_b: torch.Tensor, targets: torch.Tensor) -> tor
     return _kl(logp_a, logp_b)
 
 
-@token_metric("reverse_kl", "argmax", needs_base=True, description="mean over response tokens of KL(base || aligned)")
+@token_metric(
+    "reverse_kl", "argmax", needs_base=True, description="mean over response tokens of KL(base || aligned)"
+)
 def reverse_kl(logp_a: torch.Tensor, logp_b: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _kl(logp_b, logp_a)
 
@@ -158,7 +160,9 @@ def self_certainty(logp_a: torch.Tensor, logp_b: torch.Tensor | None, targets: t
     return -math.log(v) - logp_a.mean(-1)
 
 
-@row_metric("random", "argmax", "a seeded uniform draw per candidate (reference selector; direction is arbitrary)")
+@row_metric(
+    "random", "argmax", "a seeded uniform draw per candidate (reference selector; direction is arbitrary)"
+)
 def random_metric(keys: list[tuple], seed: int) -> torch.Tensor:
     # Hash the row key, not the batch position, so the value does not depend on batching or resume order.
     out = []

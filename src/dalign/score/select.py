@@ -41,7 +41,9 @@ def choose(scores: pd.DataFrame, direction: str) -> pd.DataFrame:
         raise SelectError(f"unknown direction {direction!r}")
     df["rank_value"] = df["value"] if direction == "argmin" else -df["value"]
     # NaN last, then lowest candidate: deterministic ties and an all-NaN prompt falls back to candidate 0.
-    df = df.sort_values(["benchmark", "prompt_id", "rank_value", "candidate"], na_position="last", kind="mergesort")
+    df = df.sort_values(
+        ["benchmark", "prompt_id", "rank_value", "candidate"], na_position="last", kind="mergesort"
+    )
     first = df.groupby(["benchmark", "prompt_id"], sort=True).head(1)
     return first[["benchmark", "prompt_id", "candidate"]].rename(columns={"candidate": "chosen_candidate"})
 
@@ -65,7 +67,9 @@ def _labels(judgments: pd.DataFrame, preferred_judge: str) -> pd.DataFrame:
     lab = pd.concat(parts, ignore_index=True)[[*KEYS, "label"]]
     dup = lab.duplicated(KEYS)
     if dup.any():
-        raise SelectError(f"judgments.parquet has two labels for candidate {tuple(lab.loc[dup, KEYS].iloc[0])}")
+        raise SelectError(
+            f"judgments.parquet has two labels for candidate {tuple(lab.loc[dup, KEYS].iloc[0])}"
+        )
     lab["bad"] = ~lab["label"].isin(GOOD)
     return lab
 
@@ -116,7 +120,9 @@ def _reference(labels: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def _outcome(chosen: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     """chosen rows + bad flag of the chosen candidate."""
     m = chosen.merge(
-        labels.rename(columns={"candidate": "chosen_candidate"})[["benchmark", "prompt_id", "chosen_candidate", "bad"]],
+        labels.rename(columns={"candidate": "chosen_candidate"})[
+            ["benchmark", "prompt_id", "chosen_candidate", "bad"]
+        ],
         on=["benchmark", "prompt_id", "chosen_candidate"],
         how="left",
     )
@@ -130,9 +136,9 @@ def _rate(chosen: pd.DataFrame, labels: pd.DataFrame) -> float:
 
 def _pick_layer(rows: list[dict], default: int) -> int:
     # Lowest failure rate; ties toward the paper's default layer, then the shallower (cheaper) layer.
-    return min(rows, key=lambda r: (r["asr"], r.get("utility_drop") or 0.0, abs(r["layer"] - default), r["layer"]))[
-        "layer"
-    ]
+    return min(
+        rows, key=lambda r: (r["asr"], r.get("utility_drop") or 0.0, abs(r["layer"] - default), r["layer"])
+    )["layer"]
 
 
 def calibrate(
@@ -148,7 +154,9 @@ def calibrate(
     """Choose a layer for a per-layer metric on calibration prompts; returns (layer, per-layer table)."""
     cal = info[info["role"] == "calibration"]
     if cal.empty:
-        warnings.append(f"no calibration prompts (samples role == 'calibration'): {metric}@calibrated not made")
+        warnings.append(
+            f"no calibration prompts (samples role == 'calibration'): {metric}@calibrated not made"
+        )
         return None, []
     direction = get_metric(metric).direction
     safety = cal[cal["kind"] != "utility"][["benchmark", "prompt_id"]]
@@ -157,7 +165,9 @@ def calibrate(
         warnings.append(f"calibration prompts hold no safety benchmark: {metric}@calibrated not made")
         return None, []
     if utility_constraint is not None and utility.empty:
-        warnings.append("select.utility_constraint is set but no calibration utility prompts exist: not applied")
+        warnings.append(
+            "select.utility_constraint is set but no calibration utility prompts exist: not applied"
+        )
     single = _reference(labels)["single"]
     base_acc = 1 - _rate(single.merge(utility), labels) if not utility.empty else None
     table = []
@@ -169,7 +179,9 @@ def calibrate(
             row["utility_drop"] = (base_acc - acc) / base_acc if base_acc > 0 else 0.0
             row["n_utility"] = len(utility)
         row["allowed"] = (
-            utility_constraint is None or base_acc is None or row["utility_drop"] <= utility_constraint + 1e-12
+            utility_constraint is None
+            or base_acc is None
+            or row["utility_drop"] <= utility_constraint + 1e-12
         )
         table.append(row)
     allowed = [r for r in table if r["allowed"]]
@@ -205,7 +217,9 @@ def _selectors(cfg_selectors: list[str], available: list[tuple[str, int | None]]
         want = (metric, int(layer) if layer else (default_layer if per_layer else None))
         if want not in available:
             names = ", ".join(f"{m}@{lay}" if lay is not None else m for m, lay in available)
-            raise SelectError(f"selector {name!r} has no scores; scored: {names}. Rerun `dalign score` or drop it")
+            raise SelectError(
+                f"selector {name!r} has no scores; scored: {names}. Rerun `dalign score` or drop it"
+            )
         out.append(want)
     return out
 
@@ -215,25 +229,39 @@ def run_select(run: RunDir, force: bool = False) -> dict:
     cfg = run.config
     run.begin("select", _fingerprint(run), ["selection"], force=force)
     labels = _labels(run.read("judgments"), cfg.judge.judge)
-    labels = labels.assign(prompt_id=labels["prompt_id"].astype(str), candidate=labels["candidate"].astype(int))
+    labels = labels.assign(
+        prompt_id=labels["prompt_id"].astype(str), candidate=labels["candidate"].astype(int)
+    )
     scores = run.read("scores")
-    scores = scores.assign(prompt_id=scores["prompt_id"].astype(str), candidate=scores["candidate"].astype(int))
+    scores = scores.assign(
+        prompt_id=scores["prompt_id"].astype(str), candidate=scores["candidate"].astype(int)
+    )
     info = _prompt_info(run, labels)
     warnings: list[str] = []
 
     available = sorted(
-        {(m, None if pd.isna(lay) else int(lay)) for m, lay in scores[["metric", "layer"]].itertuples(index=False)},
+        {
+            (m, None if pd.isna(lay) else int(lay))
+            for m, lay in scores[["metric", "layer"]].itertuples(index=False)
+        },
         key=lambda x: (x[0], -1 if x[1] is None else x[1]),
     )
     unknown = sorted({m for m, _ in available if m not in METRICS})
     if unknown:
-        raise SelectError(f"scores.parquet has metric(s) {unknown} that are not registered; cannot know direction")
+        raise SelectError(
+            f"scores.parquet has metric(s) {unknown} that are not registered; cannot know direction"
+        )
     chosen: dict[str, pd.DataFrame] = {}
     for metric, layer in _selectors(cfg.select.selectors, available, cfg.select.default_layer):
-        part = scores[(scores["metric"] == metric) & (scores["layer"].isna() if layer is None else scores["layer"] == layer)]
+        part = scores[
+            (scores["metric"] == metric)
+            & (scores["layer"].isna() if layer is None else scores["layer"] == layer)
+        ]
         allnan = part.groupby(["benchmark", "prompt_id"])["value"].apply(lambda v: v.isna().all()).sum()
         if allnan:
-            warnings.append(f"{metric}@{layer}: {allnan} prompt(s) with only NaN values fell back to candidate 0")
+            warnings.append(
+                f"{metric}@{layer}: {allnan} prompt(s) with only NaN values fell back to candidate 0"
+            )
         chosen[metric if layer is None else f"{metric}@{layer}"] = choose(part, get_metric(metric).direction)
     chosen.update(_reference(labels))
 
@@ -253,7 +281,9 @@ def run_select(run: RunDir, force: bool = False) -> dict:
             warnings,
         )
         if layer is not None:
-            chosen[f"{metric}@calibrated"] = choose(mscores[mscores["layer"] == layer], get_metric(metric).direction)
+            chosen[f"{metric}@calibrated"] = choose(
+                mscores[mscores["layer"] == layer], get_metric(metric).direction
+            )
         oracle_layers, parts = {}, []
         for bench, g in eval_info.groupby("benchmark"):
             prompts = g[["benchmark", "prompt_id"]]
@@ -263,7 +293,9 @@ def run_select(run: RunDir, force: bool = False) -> dict:
                 rows.append({"layer": lay, "asr": _rate(sel, labels)})
             best = _pick_layer(rows, cfg.select.default_layer)
             oracle_layers[str(bench)] = best
-            parts.append(choose(mscores[mscores["layer"] == best], get_metric(metric).direction).merge(prompts))
+            parts.append(
+                choose(mscores[mscores["layer"] == best], get_metric(metric).direction).merge(prompts)
+            )
         if parts:
             chosen[f"{metric}@oracle"] = pd.concat(parts, ignore_index=True)
         calibration[metric] = {"calibrated_layer": layer, "table": table, "oracle_layers": oracle_layers}

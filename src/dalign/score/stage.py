@@ -93,7 +93,9 @@ def run_score(run: RunDir, force: bool = False) -> dict:
             f"{run.store('samples').path} lacks column(s) {missing}; it was made by an older `dalign sample` — "
             f"rerun the sample stage"
         )
-    samples = samples.assign(prompt_id=samples["prompt_id"].astype(str), candidate=samples["candidate"].astype(int))
+    samples = samples.assign(
+        prompt_id=samples["prompt_id"].astype(str), candidate=samples["candidate"].astype(int)
+    )
     store = run.store("scores")
     done = {k[:3] for k in store.done_keys()}
     keys = list(samples[SAMPLE_KEYS].itertuples(index=False, name=None))
@@ -114,7 +116,9 @@ def run_score(run: RunDir, force: bool = False) -> dict:
         layers = engine.layers
         hidden_cols = [c for c in todo.columns if c.startswith("hidden_l")]
         if hidden_cols and cfg.score.retokenize:
-            warnings.append("captured hidden_l* columns ignored: --retokenize changes the token ids they belong to")
+            warnings.append(
+                "captured hidden_l* columns ignored: --retokenize changes the token ids they belong to"
+            )
         # Whole prompt groups per shard, so prefix sharing sees all candidates of a prompt together.
         groups = [g for _, g in todo.groupby(["benchmark", "prompt_id"], sort=False)]
         target = cfg.score.batch_size * CHUNK_BATCHES
@@ -144,7 +148,12 @@ def run_score(run: RunDir, force: bool = False) -> dict:
         layers=layers or cfg.score.layers,
         warnings=warnings,
     )
-    return {"scores": total, "new": written, "candidates_skipped": len(samples) - len(todo), "warnings": warnings}
+    return {
+        "scores": total,
+        "new": written,
+        "candidates_skipped": len(samples) - len(todo),
+        "warnings": warnings,
+    }
 
 
 __all__ = ["run_score", "score_fingerprint"]

@@ -50,7 +50,9 @@ def _check_record(rec: object, where: str, categories: set[str]) -> dict:
         if not isinstance(rec[f], str) or not rec[f].strip():
             raise CorpusError(f"{where}: field {f!r} must be a non-empty string")
     if rec["category"] not in categories:
-        raise CorpusError(f"{where}: category {rec['category']!r} is not a spec category {sorted(categories)}")
+        raise CorpusError(
+            f"{where}: category {rec['category']!r} is not a spec category {sorted(categories)}"
+        )
     if rec["decision"] not in DECISIONS:
         raise CorpusError(f"{where}: decision {rec['decision']!r} must be one of {sorted(DECISIONS)}")
     return {f: rec[f] for f in FIELDS}
@@ -102,12 +104,12 @@ def corpus_card(df: pd.DataFrame | None = None, spec: Spec | None = None) -> dic
         "categories": {c: by_cat.get(c, 0) for c in spec.categories},
         "decisions": dict(Counter(df["decision"])),
         "category_decisions": {
-            c: dict(Counter(df.loc[df["category"] == c, "decision"])) for c in spec.categories if by_cat.get(c)
+            c: dict(Counter(df.loc[df["category"] == c, "decision"]))
+            for c in spec.categories
+            if by_cat.get(c)
         },
         "benign_share": round(1 - len(harmful) / max(len(df), 1), 3),
-        "harmful_shares": {
-            c: round(by_cat.get(c, 0) / max(len(harmful), 1), 3) for c in STAR41K_SHARES
-        },
+        "harmful_shares": {c: round(by_cat.get(c, 0) / max(len(harmful), 1), 3) for c in STAR41K_SHARES},
         "star41k_shares": STAR41K_SHARES,
         "mean_words": {
             "prompt": round(df["prompt"].str.split().str.len().mean(), 1),

@@ -43,16 +43,18 @@ def parse_trace(text: str | None) -> ParsedTrace:
     head, sep, tail = text.partition(THINK_CLOSE)
     if not sep:
         if THINK_OPEN in text:
-            return ParsedTrace(None, None, "malformed", "reasoning never closed with </think> (output cut off?)")
+            return ParsedTrace(
+                None, None, "malformed", "reasoning never closed with </think> (output cut off?)"
+            )
         return ParsedTrace(None, None, "malformed", "no </think>: no separable reasoning and final answer")
     opened = THINK_OPEN in head
     cot = head.split(THINK_OPEN, 1)[1] if opened else head
     cot = cot.strip()
     answer = _clean_answer(tail)
     if not answer:
-        return ParsedTrace(cot or None, None, "malformed", "nothing after </think>: no final answer")
+        return ParsedTrace(None, None, "malformed", "nothing after </think>: no final answer")
     if not cot:
-        return ParsedTrace(None, answer, "malformed", "empty reasoning before </think>")
+        return ParsedTrace(None, None, "malformed", "empty reasoning before </think>")
     return ParsedTrace(cot, answer, "tagged" if opened else "r1")
 
 

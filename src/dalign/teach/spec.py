@@ -198,7 +198,9 @@ def _load_cached(path: str, _mtime: int) -> Spec:
     return parse_spec(data, str(p))
 
 
-def render_teacher_prompt(spec: Spec, prompt: str, categories: list[str], template: str | Path | None = None) -> str:
+def render_teacher_prompt(
+    spec: Spec, prompt: str, categories: list[str], template: str | Path | None = None
+) -> str:
     """The teacher's user message: the request, then the policy text of the prompt's categories only."""
     import jinja2
 

@@ -17,7 +17,14 @@ from dalign.config import RunConfig
 from dalign.rundir import RunDir, fingerprint
 from dalign.teach.corpus import corpus_hash, load_corpus
 from dalign.teach.parse import parse_trace
-from dalign.teach.spec import DEFAULT_SPEC, DEFAULT_TEMPLATE, Spec, load_spec, render_teacher_prompt, resolve_categories
+from dalign.teach.spec import (
+    DEFAULT_SPEC,
+    DEFAULT_TEMPLATE,
+    Spec,
+    load_spec,
+    render_teacher_prompt,
+    resolve_categories,
+)
 from dalign.teach.teachers import TeachRequest, get_teacher
 
 # Judges that only detect refusals: on a benign request their "unsafe" means "answered", which is what we want.
@@ -71,11 +78,15 @@ def load_prompts(source: str, limit: int | None = None) -> pd.DataFrame:
     if empty.any():
         raise PromptFileError(f"{source}: empty prompt at row {int(empty.to_numpy().argmax())}")
     if out["prompt_id"].duplicated().any():
-        raise PromptFileError(f"{source}: duplicate prompt id {out.loc[out['prompt_id'].duplicated(), 'prompt_id'].iloc[0]!r}")
+        raise PromptFileError(
+            f"{source}: duplicate prompt id {out.loc[out['prompt_id'].duplicated(), 'prompt_id'].iloc[0]!r}"
+        )
     return out.head(limit) if limit is not None else out
 
 
-def build_requests(spec: Spec, prompts: pd.DataFrame, render: bool = True) -> tuple[list[TeachRequest], list[str]]:
+def build_requests(
+    spec: Spec, prompts: pd.DataFrame, render: bool = True
+) -> tuple[list[TeachRequest], list[str]]:
     """Resolve categories and render teacher prompts; returns (requests, warnings)."""
     requests, defaulted = [], []
     for row in prompts.itertuples(index=False):
@@ -103,7 +114,9 @@ def _teach_inputs(cfg: RunConfig, spec: Spec) -> tuple[pd.DataFrame, list[str]]:
         df = corpus.rename(columns={"id": "prompt_id"})[["prompt_id", "prompt", "category"]]
         notes = []
         if cfg.teach.prompts:
-            notes.append(f"teach.prompts={cfg.teach.prompts!r} ignored: the corpus teacher answers its own prompts")
+            notes.append(
+                f"teach.prompts={cfg.teach.prompts!r} ignored: the corpus teacher answers its own prompts"
+            )
         return (df.head(cfg.teach.limit) if cfg.teach.limit is not None else df), notes
     if not cfg.teach.prompts:
         raise PromptFileError(
@@ -117,7 +130,8 @@ def run_teach(run: RunDir, force: bool = False) -> dict:
     cfg = run.config
     spec_path = Path(cfg.teach.spec) if cfg.teach.spec else DEFAULT_SPEC
     spec = load_spec(spec_path)
-    fp = fingerprint(cfg, {"teach": ["batch_size"]})
+    # limit and batch size do not change any single trace: raising the limit extends the traces instead of refusing
+    fp = fingerprint(cfg, {"teach": ["batch_size", "limit"]})
     fp["spec_hash"] = _file_hash(spec_path)
     fp["template_hash"] = _file_hash(DEFAULT_TEMPLATE)
     if cfg.teach.teacher == "corpus":
@@ -152,7 +166,9 @@ def _traces_hash(traces: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def decide(row: dict, verdict: dict | None, judge_name: str, benign: str, keep_malformed: bool) -> tuple[bool, str]:
+def decide(
+    row: dict, verdict: dict | None, judge_name: str, benign: str, keep_malformed: bool
+) -> tuple[bool, str]:
     """kept, reason for one trace. A judge error is never read as safe."""
     if row["malformed"]:
         why = parse_trace(row["raw"]).reason or "no final answer"
@@ -176,7 +192,9 @@ def run_filter(run: RunDir, force: bool = False) -> dict:
     jcfg = cfg.judge.model_copy(update={"judge": cfg.filter.judge})
     fp = fingerprint(cfg, {"filter": None})
     fp["judge"] = jcfg.model_dump(mode="json", exclude={"batch_size"})
-    fp["traces_hash"] = _traces_hash(traces)
+    # Traces of a given prompt id are fixed by the teach config (teach refuses to mix configs), so keying on that
+    # config lets a grown traces table be filtered incrementally.
+    fp["teach_config"] = run.stage_entry("teach").get("config_hash") or _traces_hash(traces)
     run.begin("filter", fp, ["filtered"], force)
     spec = load_spec(cfg.teach.spec)
 
@@ -191,14 +209,20 @@ def run_filter(run: RunDir, force: bool = False) -> dict:
             batch = todo[i : i + size]
             well = [r for r in batch if not r["malformed"]]
             # The guard sees what the user would see: the prompt and the final answer, not the reasoning.
-            verdicts = judge.judge([{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]} for r in well])
+            verdicts = judge.judge(
+                [{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]} for r in well]
+            )
             if len(verdicts) != len(well):
-                raise RuntimeError(f"judge {cfg.filter.judge!r} returned {len(verdicts)} verdicts for {len(well)} items")
+                raise RuntimeError(
+                    f"judge {cfg.filter.judge!r} returned {len(verdicts)} verdicts for {len(well)} items"
+                )
             by_id = {r["prompt_id"]: v for r, v in zip(well, verdicts, strict=True)}
             rows = []
             for r in batch:
                 v = by_id.get(r["prompt_id"])
-                kept, reason = decide(r, v, cfg.filter.judge, spec.default_category, cfg.filter.keep_malformed)
+                kept, reason = decide(
+                    r, v, cfg.filter.judge, spec.default_category, cfg.filter.keep_malformed
+                )
                 label = v["label"] if v else None
                 score = v.get("score") if v else None
                 rows.append({**r, "label": label, "score": score, "kept": kept, "reason": reason})
@@ -214,5 +238,7 @@ def run_filter(run: RunDir, force: bool = False) -> dict:
         "judge_errors": int((out["label"] == "error").sum()),
     }
     warnings = [] if kept else ["no trace was kept: SFT has nothing to train on (see the reason column)"]
-    run.finish("filter", rows=len(out), warnings=warnings, **{k: v for k, v in summary.items() if k != "traces"})
+    run.finish(
+        "filter", rows=len(out), warnings=warnings, **{k: v for k, v in summary.items() if k != "traces"}
+    )
     return summary

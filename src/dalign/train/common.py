@@ -27,7 +27,8 @@ ThinkMode = Literal["text", "add"]
 #   where every prompt ends ("<think>\n"), confounding the latent-similarity signal we study.
 # - At lr 1.41e-5 and a few hundred traces, freshly initialised rows barely move; the student must learn to emit a
 #   token it has never seen. As text, "<think>" is a few ordinary tokens every tokenizer already models.
-# - Plain text keeps the adapter usable with the student's own tokenizer and keeps it small (no embedding rows).
+# - Plain text keeps the adapter usable with the student's own tokenizer and keeps it small: "add" must train and
+#   save the whole embedding matrix (113 MB fp32 for SmolLM2), see `lora_config`.
 # "add" is implemented for students whose chat template already uses the tags, or when the user asks for it.
 DEFAULT_THINK_MODE: ThinkMode = "text"
 
@@ -65,7 +66,9 @@ def load_student(spec: str, dtype: str = "auto", trust_remote_code: bool = False
     from dalign.models.loading import load_model, pick_dtype
 
     dt = pick_dtype(dtype, torch.device("cuda" if use_cuda() else "cpu"))
-    model, tok = load_model(spec, dtype=str(dt).removeprefix("torch."), device="cpu", trust_remote_code=trust_remote_code)
+    model, tok = load_model(
+        spec, dtype=str(dt).removeprefix("torch."), device="cpu", trust_remote_code=trust_remote_code
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -96,17 +99,28 @@ def ensure_think_tokens(model, tok, mode: ThinkMode) -> list[int]:
     return list(new_ids)
 
 
-def lora_config(lcfg, new_token_ids: list[int]):
-    """PEFT LoraConfig from our LoraConfig section; new token rows train through `trainable_token_indices`."""
+def lora_config(lcfg, model=None, train_embeddings: bool = False):
+    """PEFT LoraConfig from our LoraConfig section.
+
+    With `train_embeddings` (new <think> tokens were added) the input embedding and LM head are trained in full via
+    `modules_to_save`, kept tied when the model ties them. PEFT's lighter `trainable_token_indices` would train
+    only the new rows, but its wrapper on a tied LM head breaks TRL's fused LM-head loss (no `.bias` attribute).
+    """
     from peft import LoraConfig
 
+    extra: dict[str, Any] = {}
+    if train_embeddings and model is not None:
+        names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        extra["modules_to_save"] = [names[inp]] + ([names[out]] if out is not None else [])
+        extra["ensure_weight_tying"] = bool(getattr(model.config, "tie_word_embeddings", False))
     return LoraConfig(
         r=lcfg.r,
         lora_alpha=lcfg.alpha,
         lora_dropout=lcfg.dropout,
         target_modules=lcfg.target_modules,
         task_type="CAUSAL_LM",
-        trainable_token_indices=new_token_ids or None,
+        **extra,
     )
 
 
@@ -139,6 +153,25 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under `accelerate launch`/torchrun (RANK is set there), else True."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def output_dir(dest: Path) -> Iterator[Path]:
+    """Where a trainer writes: an atomic replacement of `dest` on the main process, scratch space elsewhere
+    (under multi-GPU launch every rank trains, only rank 0 saves)."""
+    if is_main_process():
+        with atomic_dir(dest) as tmp:
+            yield tmp
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dalign-rank-") as tmp:
+        yield Path(tmp)
 
 
 def read_card(adapter: Path) -> dict:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,10 +27,11 @@ from dalign.teach.parse import final_answer
 from dalign.train.common import (
     NoTrainingData,
     TrainError,
-    atomic_dir,
+    is_main_process,
     load_student,
     log_series,
     now,
+    output_dir,
     plot_curve,
     precision_flags,
     read_card,
@@ -55,7 +57,9 @@ class JudgeReward:
     def __call__(self, prompts, completions, user_prompt=None, **kwargs) -> list[float]:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
         users = user_prompt if user_prompt is not None else prompts
-        items = [{"prompt": u, "response": t, "answer": final_answer(t)} for u, t in zip(users, texts, strict=True)]
+        items = [
+            {"prompt": u, "response": t, "answer": final_answer(t)} for u, t in zip(users, texts, strict=True)
+        ]
         verdicts = self.judge.judge(items)
         if len(verdicts) != len(items):
             raise TrainError(f"reward judge returned {len(verdicts)} verdicts for {len(items)} completions")
@@ -128,7 +132,9 @@ def train_grpo(
     model.config.use_cache = True
     rows = [
         {
-            "prompt": _strip_bos(tok, render_prompt(tok, p["prompt"], model_cfg.system_prompt, model_cfg.think_prefix)),
+            "prompt": _strip_bos(
+                tok, render_prompt(tok, p["prompt"], model_cfg.system_prompt, model_cfg.think_prefix)
+            ),
             "user_prompt": p["prompt"],
             "prompt_id": str(p["prompt_id"]),
         }
@@ -137,7 +143,7 @@ def train_grpo(
     micro, accum = batch_plan(grpo)
     temperature = sample.temperature if sample.temperature > 0 else 1.0  # GRPO needs sampling to form groups
     reward = JudgeReward(judge)
-    with atomic_dir(dest) as tmp:
+    with output_dir(dest) as tmp:
         args = TrlGRPOConfig(
             output_dir=str(tmp / "_trainer"),
             per_device_train_batch_size=micro,
@@ -173,10 +179,10 @@ def train_grpo(
         wall = time.perf_counter() - t0
         history = trainer.state.log_history
         rewards = log_series(history, "reward")
-        trainer.model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        import shutil
-
+        trainer.accelerator.wait_for_everyone()
+        if is_main_process():
+            trainer.model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         plot_curve(rewards, "reward", tmp / "reward.png", "GRPO mean reward (1 = judged safe)")
         card = {
@@ -206,7 +212,8 @@ def train_grpo(
                 "device": "cuda" if use_cuda() else "cpu",
             },
             "reward_per_step": [
-                {**r, **_extra(history, r["step"], ("reward_std", "loss", "completions/mean_length"))} for r in rewards
+                {**r, **_extra(history, r["step"], ("reward_std", "loss", "completions/mean_length"))}
+                for r in rewards
             ],
             "train_loss": result.training_loss,
             "runtime_s": round(wall, 2),
@@ -215,6 +222,7 @@ def train_grpo(
             "fingerprint_hash": config_hash(fp) if fp is not None else None,
         }
         write_card(tmp, card)
+    trainer.accelerator.wait_for_everyone()  # other ranks go on only once rank 0 has renamed the adapter
     return card
 
 

@@ -11,6 +11,7 @@ the prompt/completion boundary and no second BOS. TRL builds the labels (-100 on
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -23,12 +24,13 @@ from dalign.train.common import (
     DEFAULT_THINK_MODE,
     NoTrainingData,
     ThinkMode,
-    atomic_dir,
     ensure_think_tokens,
+    is_main_process,
     load_student,
     log_series,
     lora_config,
     now,
+    output_dir,
     plot_curve,
     precision_flags,
     reusable,
@@ -54,12 +56,16 @@ def build_examples(
     and an example whose completion alone does not fit is dropped (warned), never silently cut mid-answer."""
     examples, dropped, cut = [], [], 0
     for r in rows:
-        c_ids = tok(completion_text(r["cot"], r["answer"], think_prefix), add_special_tokens=False)["input_ids"]
+        c_ids = tok(completion_text(r["cot"], r["answer"], think_prefix), add_special_tokens=False)[
+            "input_ids"
+        ]
         c_ids = c_ids + [tok.eos_token_id]
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", PromptTooLong)
-                p_ids, truncated = prompt_ids(tok, r["prompt"], system_prompt, think_prefix, max_length - len(c_ids))
+                p_ids, truncated = prompt_ids(
+                    tok, r["prompt"], system_prompt, think_prefix, max_length - len(c_ids)
+                )
             del caught
         except ValueError:
             dropped.append(str(r.get("prompt_id")))
@@ -68,7 +74,9 @@ def build_examples(
         examples.append({"input_ids": p_ids + c_ids, "completion_mask": [0] * len(p_ids) + [1] * len(c_ids)})
     notes = []
     if dropped:
-        notes.append(f"{len(dropped)} trace(s) longer than sft.max_length={max_length} dropped: {dropped[:5]}")
+        notes.append(
+            f"{len(dropped)} trace(s) longer than sft.max_length={max_length} dropped: {dropped[:5]}"
+        )
     if cut:
         notes.append(f"{cut} prompt(s) cut from the left to fit sft.max_length={max_length}")
     return examples, notes
@@ -103,14 +111,18 @@ def train_sft(
         raise NoTrainingData("no training rows")
     model, tok = load_student(student, model_cfg.dtype, model_cfg.trust_remote_code)
     new_ids = ensure_think_tokens(model, tok, think_mode)
-    examples, notes = build_examples(tok, rows, model_cfg.system_prompt, model_cfg.think_prefix, sft.max_length)
+    examples, notes = build_examples(
+        tok, rows, model_cfg.system_prompt, model_cfg.think_prefix, sft.max_length
+    )
     if not examples:
-        raise NoTrainingData(f"every trace is longer than sft.max_length={sft.max_length}: nothing to train on")
+        raise NoTrainingData(
+            f"every trace is longer than sft.max_length={sft.max_length}: nothing to train on"
+        )
     micro, accum = batch_plan(sft, len(examples))
     n_tokens = sum(len(e["input_ids"]) for e in examples)
     model.config.use_cache = False  # the KV cache is useless while training and warns with checkpointing
 
-    with atomic_dir(dest) as tmp:
+    with output_dir(dest) as tmp:
         args = TrlSFTConfig(
             output_dir=str(tmp / "_trainer"),
             per_device_train_batch_size=micro,
@@ -137,7 +149,7 @@ def train_sft(
             args=args,
             train_dataset=Dataset.from_list(examples),
             processing_class=tok,
-            peft_config=lora_config(sft.lora, new_ids),
+            peft_config=lora_config(sft.lora, model, train_embeddings=bool(new_ids)),
             callbacks=[RichProgressCallback()] if progress else None,
         )
         trainer.remove_callback(PrinterCallback)
@@ -148,10 +160,10 @@ def train_sft(
         losses = log_series(history, "loss")
         seen = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
         tokens = float(seen) if seen is not None else n_tokens * trainer.state.epoch
-        trainer.model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        import shutil
-
+        trainer.accelerator.wait_for_everyone()
+        if is_main_process():
+            trainer.model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         plot_curve(losses, "loss", tmp / "loss.png", f"SFT loss ({Path(student).name})")
         card = {
@@ -167,8 +179,9 @@ def train_sft(
             },
             "format": {
                 "prompt": "render_prompt(tok, prompt, system_prompt, think_prefix)",
-                "completion": "{cot}\\n</think>\\n\\n{answer}<eos>" if model_cfg.think_prefix else
-                "<think>\\n{cot}\\n</think>\\n\\n{answer}<eos>",
+                "completion": "{cot}\\n</think>\\n\\n{answer}<eos>"
+                if model_cfg.think_prefix
+                else "<think>\\n{cot}\\n</think>\\n\\n{answer}<eos>",
                 "loss": "completion only",
                 "system_prompt": model_cfg.system_prompt,
                 "think_prefix": model_cfg.think_prefix,
@@ -196,6 +209,7 @@ def train_sft(
             "fingerprint_hash": config_hash(fp) if fp is not None else None,
         }
         write_card(tmp, card)
+    trainer.accelerator.wait_for_everyone()  # other ranks go on only once rank 0 has renamed the adapter
     return card
 
 
