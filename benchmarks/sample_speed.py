@@ -80,7 +80,9 @@ def main() -> None:
             times["dalign"] += time.perf_counter() - t
         tps = {k: tokens[k] / times[k] for k in times}
         ratio = tps["dalign"] / tps["plain"]
-        print(f"batch {bs}: plain {tps['plain']:.1f} tok/s, dalign {tps['dalign']:.1f} tok/s, ratio {ratio:.3f}")
+        print(
+            f"batch {bs}: plain {tps['plain']:.1f} tok/s, dalign {tps['dalign']:.1f} tok/s, ratio {ratio:.3f}"
+        )
         result[f"throughput_ratio_b{bs}"] = round(ratio, 3)
         result[f"tokens_per_s_b{bs}"] = round(tps["dalign"], 1)
         result[f"plain_tokens_per_s_b{bs}"] = round(tps["plain"], 1)

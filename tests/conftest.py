@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from tiny import build_tiny, random_lora
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -41,7 +41,9 @@ def test_unknown_key_inside_dataset_list(tmp_path):
         load_config(p)
 
 
-@pytest.mark.parametrize("override,msg", [("sample.n=0", "n must be >= 1"), ("sample.temperature=-1", ">= 0")])
+@pytest.mark.parametrize(
+    "override,msg", [("sample.n=0", "n must be >= 1"), ("sample.temperature=-1", ">= 0")]
+)
 def test_bad_sampling_values(override, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(overrides=[override])

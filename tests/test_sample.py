@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import register_tiny_datasets
 
 from dalign.config import load_config
 from dalign.models import load_model, prompt_ids
 from dalign.rundir import RunDir, StageMismatch
 from dalign.sample.sampler import derive_seed, sample_batch
 from dalign.sample.stage import run_sample
-from tiny import register_tiny_datasets
 
 PROMPTS = ["hello there", "What is the capital of France? Explain in detail please", "bake bread", "a"]
 
@@ -29,7 +29,9 @@ def test_text_depends_only_on_seed_not_on_batching(tiny):
     model, tok, ids = tiny
     seeds = [derive_seed(0, "b", i, 0) for i in range(len(ids))]
     together = sample_batch(model, tok, ids, seeds, max_new_tokens=24)
-    alone = [sample_batch(model, tok, [p], [s], max_new_tokens=24)[0] for p, s in zip(ids, seeds, strict=True)]
+    alone = [
+        sample_batch(model, tok, [p], [s], max_new_tokens=24)[0] for p, s in zip(ids, seeds, strict=True)
+    ]
     reversed_ = sample_batch(model, tok, ids[::-1], seeds[::-1], max_new_tokens=24)[::-1]
     for a, b, c in zip(together, alone, reversed_, strict=True):
         assert a.token_ids == b.token_ids == c.token_ids
@@ -55,7 +57,9 @@ def test_stop_token_ends_and_is_kept(tiny):
 def test_temperature_zero_is_greedy(tiny):
     model, tok, ids = tiny
     g = sample_batch(model, tok, [ids[0]], [1], temperature=0, max_new_tokens=12)[0]
-    ref = model.generate(torch.tensor([ids[0]]), do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+    ref = model.generate(
+        torch.tensor([ids[0]]), do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id
+    )
     expected = ref[0, len(ids[0]) :].tolist()
     k = expected.index(tok.eos_token_id) + 1 if tok.eos_token_id in expected else len(expected)
     assert g.token_ids == expected[:k]
@@ -94,7 +98,9 @@ def test_captured_state_equals_full_forward(tiny):
         with torch.no_grad():
             hs = model(torch.tensor([p + g.token_ids]), output_hidden_states=True).hidden_states
         for layer in (1, 2, 4):
-            torch.testing.assert_close(torch.from_numpy(g.hidden[layer]), hs[layer][0, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                torch.from_numpy(g.hidden[layer]), hs[layer][0, -1], atol=1e-5, rtol=1e-5
+            )
 
 
 def _config(tmp_path, tiny_dir, **extra):
@@ -120,8 +126,22 @@ def test_stage_writes_schema_and_is_idempotent(tmp_path, tiny_dir):
     summary = run_sample(run)
     df = run.read("samples")
     assert summary["rows"] == len(df) == (6 + 2) * 3
-    for col in ["benchmark", "prompt_id", "candidate", "prompt", "response", "token_ids", "finish_reason", "n_tokens",
-                "seed", "prompt_token_ids", "role", "kind", "answer", "checker"]:
+    for col in [
+        "benchmark",
+        "prompt_id",
+        "candidate",
+        "prompt",
+        "response",
+        "token_ids",
+        "finish_reason",
+        "n_tokens",
+        "seed",
+        "prompt_token_ids",
+        "role",
+        "kind",
+        "answer",
+        "checker",
+    ]:
         assert col in df.columns, col
     assert set(df["kind"]) == {"safety", "utility"}
     assert df.loc[df.benchmark == "tiny-math", "answer"].notna().all()
@@ -154,7 +174,9 @@ def test_capture_column_matches_scoring_forward(tmp_path, tiny_dir):
     ids = list(row.prompt_token_ids) + list(row.token_ids)
     with torch.no_grad():
         h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, -1]
-    torch.testing.assert_close(torch.tensor(list(row.hidden_l2), dtype=torch.float32), h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(list(row.hidden_l2), dtype=torch.float32), h, atol=1e-5, rtol=1e-5
+    )
 
 
 KILL_SCRIPT = """

@@ -342,3 +342,11 @@ def test_sampler_capture_equals_scoring_time_state(pair):
     b = eng.score(rows, aligned_hidden=captured)
     for col in a:
         np.testing.assert_allclose(a[col], b[col], atol=2e-5)
+
+
+def test_keyless_rows_get_positional_keys(pair):
+    rows = [ScoreRow([5, 6], [7]), ScoreRow([5, 6], [8]), ScoreRow([], [9])]
+    vals = ScoreEngine(pair, ["random"]).score(rows[:2])[("random", None)]
+    assert vals[0] != vals[1]
+    with pytest.raises(ScoreError, match=r"row \(2,\): candidate has no prompt"):
+        ScoreEngine(pair, ["random"]).score(rows)

@@ -95,7 +95,9 @@ def random_lora(model, r: int = 4, seed: int = 0, targets=("q_proj", "k_proj", "
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0))
+    peft = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0)
+    )
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
@@ -134,7 +136,9 @@ def register_tiny_datasets() -> None:
             }
         )
 
-    @DATASETS.register("tiny-math", kind="utility", size=len(TINY_MATH), source="tests", hub=None, checker="number")
+    @DATASETS.register(
+        "tiny-math", kind="utility", size=len(TINY_MATH), source="tests", hub=None, checker="number"
+    )
     def _math(source="auto", path=None):
         return pd.DataFrame(
             {

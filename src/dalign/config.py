@@ -48,7 +48,8 @@ class ModelConfig(Section):
         None, description="System prompt; null keeps the chat template's default (SmolLM2 has one)."
     )
     think_prefix: bool = Field(
-        True, description="Append '<think>' to the generation prompt, as the paper does for distilled students."
+        True,
+        description="Append '<think>' to the generation prompt, as the paper does for distilled students.",
     )
     max_context: int | None = Field(
         None, description="Context length; longer prompts are cut from the left. Default: the model's limit."
@@ -57,9 +58,13 @@ class ModelConfig(Section):
 
 
 class DatasetRef(Section):
-    name: str = Field(description="Registered dataset name (`dalign datasets`) or 'file' for a local CSV/JSONL.")
+    name: str = Field(
+        description="Registered dataset name (`dalign datasets`) or 'file' for a local CSV/JSONL."
+    )
     benchmark: str | None = Field(None, description="Name in artifacts; default: the dataset name.")
-    path: str | None = Field(None, description="Local file for name='file' (or to override a dataset's source).")
+    path: str | None = Field(
+        None, description="Local file for name='file' (or to override a dataset's source)."
+    )
     source: Literal["auto", "offline", "hub"] = Field(
         "auto", description="auto: the offline package copy when installed, else the hub."
     )
@@ -70,7 +75,9 @@ class DatasetRef(Section):
     offset: int = Field(0, description="Skip this many shuffled prompts first (makes disjoint splits).")
     seed: int = Field(0, description="Shuffle seed for limit/offset.")
     prompt_field: str | None = Field(None, description="Column holding the prompt (name='file').")
-    id_field: str | None = Field(None, description="Column holding a stable id (name='file'); default: row number.")
+    id_field: str | None = Field(
+        None, description="Column holding a stable id (name='file'); default: row number."
+    )
     category_field: str | None = Field(None, description="Column holding the category (name='file').")
     answer_field: str | None = Field(None, description="Column holding the reference answer (utility files).")
 
@@ -88,7 +95,8 @@ class TeachConfig(Section):
         "OpenAI-compatible endpoint (DALIGN_OPENAI_BASE_URL, DALIGN_OPENAI_API_KEY).",
     )
     prompts: str | None = Field(
-        None, description="Prompt file (CSV/JSONL with question/prompt and category) or hf:UCSC-VLAA/STAR-41K."
+        None,
+        description="Prompt file (CSV/JSONL with question/prompt and category) or hf:UCSC-VLAA/STAR-41K.",
     )
     spec: str | None = Field(None, description="Safety spec YAML; default: the packaged spec.")
     limit: int | None = Field(None, description="Use only this many prompts.")
@@ -99,7 +107,9 @@ class TeachConfig(Section):
 
 class FilterConfig(Section):
     judge: str = Field("refusal", description="Judge used on (prompt, answer); keep traces it labels safe.")
-    keep_malformed: bool = Field(False, description="Keep traces with no parsable final answer (not advised).")
+    keep_malformed: bool = Field(
+        False, description="Keep traces with no parsable final answer (not advised)."
+    )
 
 
 class LoraConfig(Section):
@@ -174,9 +184,12 @@ class SampleConfig(Section):
 
 class JudgeConfig(Section):
     judge: str = Field("refusal", description="Safety judge for harmful benchmarks (`dalign judge --help`).")
-    model: str | None = Field(None, description="Judge model: hf:<id|dir> (llama-guard) or endpoint model name.")
+    model: str | None = Field(
+        None, description="Judge model: hf:<id|dir> (llama-guard) or endpoint model name."
+    )
     threshold: float | None = Field(
-        None, description="Decision threshold; null = the judge's own default (llama-guard P(unsafe) 0.5, rubric 0)."
+        None,
+        description="Decision threshold; null = the judge's own default (llama-guard P(unsafe) 0.5, rubric 0).",
     )
     batch_size: int = Field(16, description="Rows per judge batch.")
 
@@ -192,13 +205,17 @@ class ScoreConfig(Section):
     )
     batch_size: int = Field(16, description="Sequences per scoring batch.")
     retokenize: bool = Field(False, description="Re-tokenize decoded text as the paper's code does.")
-    share_prompt: bool = Field(False, description="Compute each prompt once and reuse its KV cache for its N candidates.")
+    share_prompt: bool = Field(
+        True,
+        description="Run each prompt once and reuse its KV cache for its N candidates (same scores, faster).",
+    )
     seed: int = Field(0, description="Seed of the random metric.")
 
 
 class SelectConfig(Section):
     selectors: list[str] = Field(
-        default_factory=list, description="metric or metric@layer names; default: every scored metric and layer."
+        default_factory=list,
+        description="metric or metric@layer names; default: every scored metric and layer.",
     )
     default_layer: int = Field(12, description="Paper default layer for latent similarity.")
     utility_constraint: float | None = Field(
@@ -214,7 +231,9 @@ class ReportConfig(Section):
 class RunConfig(Section):
     name: str = Field("run", description="Run name; the run directory is <runs_dir>/<name>.")
     runs_dir: str = Field("runs", description="Where run directories live.")
-    stages: list[str] = Field(default_factory=lambda: list(STAGES), description="Stages to run, in pipeline order.")
+    stages: list[str] = Field(
+        default_factory=lambda: list(STAGES), description="Stages to run, in pipeline order."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="Student/base models.")
     teach: TeachConfig = Field(default_factory=TeachConfig, description="Teacher traces.")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Guard filtering of traces.")

@@ -22,6 +22,7 @@ class Stage:
     target: str  # "module:function"
     inputs: tuple[str, ...]  # artifacts it reads (parquet stores or directories)
     outputs: tuple[str, ...]
+    inputs_required: bool = True  # the report works with whatever exists
 
     def function(self) -> Callable[..., dict]:
         module, func = self.target.split(":")
@@ -50,6 +51,7 @@ PIPELINE: dict[str, Stage] = {
             "dalign.report.stage:run_report",
             ("judgments", "scores", "selection"),
             ("report.md", "report.html", "results.json", "figures"),
+            inputs_required=False,
         ),
     ]
 }

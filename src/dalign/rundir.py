@@ -161,7 +161,9 @@ class RunDir:
     def stage_entry(self, stage: str) -> dict[str, Any]:
         return self.manifest()["stages"].get(stage, {})
 
-    def begin(self, stage: str, fingerprint: dict[str, Any], outputs: Iterable[str], force: bool = False) -> None:
+    def begin(
+        self, stage: str, fingerprint: dict[str, Any], outputs: Iterable[str], force: bool = False
+    ) -> None:
         """Check that existing outputs were made under this fingerprint, then mark the stage running.
 
         `fingerprint` is the config that determines the stage's outputs (a nested dict). With `force`, outputs

@@ -29,7 +29,7 @@ def _check_order(run: RunDir, stages: list[str]) -> None:
     made: set[str] = set()
     for name in stages:
         stage = PIPELINE[name]
-        for inp in stage.inputs:
+        for inp in stage.inputs if stage.inputs_required else ():
             have = (run.path / f"{inp}.parquet").is_dir() or (run.path / inp).is_dir()
             if inp not in made and not have:
                 maker = next(s.name for s in PIPELINE.values() if inp in s.outputs)
@@ -74,10 +74,13 @@ def run_pipeline(
             # A stage checks its own fingerprint: a config edit that changes its results is refused there.
             results[name] = run_stage(name, run, force=force)
         except StageMismatch as e:
-            raise StageMismatch(f"{e}\n(`dalign run ... --force` redoes it; or --set name=<new run>)") from None
+            raise StageMismatch(
+                f"{e}\n(`dalign run ... --force` redoes it; or --set name=<new run>)"
+            ) from None
         console.print(f"[green]{name}[/] finished in {time.perf_counter() - t0:.1f} s: {results[name]}")
     if "report" in results:
-        summary = run.path / "report.md"
-        if summary.exists():
-            console.print(f"\nReport: {summary} (and report.html)")
+        from dalign.report.document import main_table_for_run
+
+        console.print(main_table_for_run(run.path), markup=False, highlight=False)
+        console.print(f"\nReport: {run.path / 'report.md'} and {run.path / 'report.html'}")
     return results

@@ -12,7 +12,9 @@ class PromptTooLong(UserWarning):
     pass
 
 
-def render_prompt(tokenizer, prompt: str, system_prompt: str | None = None, think_prefix: bool = False) -> str:
+def render_prompt(
+    tokenizer, prompt: str, system_prompt: str | None = None, think_prefix: bool = False
+) -> str:
     """Chat-formatted text up to where the assistant starts (plus '<think>\\n' for reasoning students)."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": prompt}
@@ -41,7 +43,9 @@ def prompt_ids(
     overhead = len(ids) - len(user_ids)
     keep = max_tokens - overhead
     if keep <= 0:
-        raise ValueError(f"the chat template alone needs {overhead} tokens, more than the {max_tokens} available")
+        raise ValueError(
+            f"the chat template alone needs {overhead} tokens, more than the {max_tokens} available"
+        )
     # Cut the user text, not the template, so the final tokens stay the assistant header.
     while True:
         cut = tokenizer.decode(user_ids[-keep:])
@@ -52,6 +56,8 @@ def prompt_ids(
             break
         keep -= len(ids) - max_tokens
     warnings.warn(
-        f"prompt of {len(user_ids)} tokens cut from the left to fit {max_tokens} tokens", PromptTooLong, stacklevel=2
+        f"prompt of {len(user_ids)} tokens cut from the left to fit {max_tokens} tokens",
+        PromptTooLong,
+        stacklevel=2,
     )
     return ids, True

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+
 @dataclass(frozen=True)
 class Packaged:
     package: str  # import name

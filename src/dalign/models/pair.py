@@ -31,7 +31,9 @@ class TokenizerMismatch(ValueError):
 class ModelPair:
     model: nn.Module  # the aligned model (a PeftModel when `has_adapter`)
     tokenizer: object
-    base_model: nn.Module | None = None  # a separate base checkpoint, or None when the base is adapter-disabled
+    base_model: nn.Module | None = (
+        None  # a separate base checkpoint, or None when the base is adapter-disabled
+    )
     info: dict = field(default_factory=dict)
 
     @property

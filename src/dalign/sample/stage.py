@@ -6,7 +6,14 @@ import time
 import warnings
 
 import pandas as pd
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from dalign.config import DatasetRef, RunConfig
 from dalign.models.chat import PromptTooLong, prompt_ids

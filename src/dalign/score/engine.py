@@ -24,7 +24,7 @@ Only LoRA-style adapters are supported (they act inside the decoder modules); pr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -195,6 +195,8 @@ class ScoreEngine:
         `aligned_hidden` maps layer -> [len(rows), H] final-token states of the aligned model (captured while
         sampling); those layers skip the aligned pass. `progress(n)` is called after each batch of n rows.
         """
+        # Keyless rows are named by position, so errors point at them and `random` differs between them.
+        rows = [r if r.key else replace(r, key=(i,)) for i, r in enumerate(rows)]
         self._validate(rows, aligned_hidden)
         out = {c: np.full(len(rows), np.nan) for c in self.columns}
         for idx in self._batches(rows):
@@ -208,8 +210,8 @@ class ScoreEngine:
 
     # ---- checks and batching -------------------------------------------------------------------------------
     def _validate(self, rows: Sequence[ScoreRow], aligned_hidden: dict[int, torch.Tensor] | None) -> None:
-        for i, r in enumerate(rows):
-            name = r.key or i
+        for r in rows:
+            name = r.key
             if len(r.prompt_ids) == 0:
                 raise ScoreError(
                     f"row {name}: candidate has no prompt (empty prompt_ids); score (prompt, response) pairs — "
@@ -228,7 +230,7 @@ class ScoreEngine:
             bad_rows = (~torch.isfinite(h).all(-1)).nonzero().flatten().tolist()
             if bad_rows:
                 raise ScoreError(
-                    f"captured hidden state hidden_l{layer} of row {rows[bad_rows[0]].key or bad_rows[0]} is NaN/inf; "
+                    f"captured hidden state hidden_l{layer} of row {rows[bad_rows[0]].key} is NaN/inf; "
                     f"resample that candidate or score without capture"
                 )
 
@@ -291,14 +293,14 @@ class ScoreEngine:
             bad = (~torch.isfinite(h).all(-1)).nonzero().flatten().tolist()
             if bad:
                 raise ScoreError(
-                    f"{side} model: NaN/inf hidden state at layer {layer} for row {batch[bad[0]].key or bad[0]}; "
+                    f"{side} model: NaN/inf hidden state at layer {layer} for row {batch[bad[0]].key}; "
                     f"check the model's dtype (float16 overflows) and the row's tokens"
                 )
         if res.logit_states is not None and not torch.isfinite(res.logit_states).all():
             bad_pos = int((~torch.isfinite(res.logit_states).all(-1)).nonzero().flatten()[0])
             row = int(torch.repeat_interleave(torch.arange(len(batch)), self._lengths(batch))[bad_pos])
             raise ScoreError(
-                f"{side} model: NaN/inf final-norm state at a response position of row {batch[row].key or row}; "
+                f"{side} model: NaN/inf final-norm state at a response position of row {batch[row].key}; "
                 f"check the model's dtype (float16 overflows) and the row's tokens"
             )
         return res
