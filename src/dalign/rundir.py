@@ -7,6 +7,7 @@ and rename is atomic, so a shard is either whole or absent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -221,10 +222,8 @@ def _versions() -> dict[str, str]:
 
     out = {}
     for pkg in ("dalign", "torch", "transformers", "peft", "trl"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
