@@ -53,7 +53,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sequences", type=int, default=64, help="sequences per batch size and method")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tok = load_model("packaged:smollm2-135m-instruct")
     # Equal work: both methods may never sample the stop token, so every row generates exactly --new-tokens.

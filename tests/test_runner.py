@@ -1,8 +1,6 @@
 """`dalign run` end to end on a tiny model: every stage, reuse, resume after SIGKILL, bad configs."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from tiny import kill_after_shards
 
 from dalign.config import ConfigError, load_config, to_yaml
 from dalign.pipeline import plan
@@ -157,17 +156,8 @@ def test_cli_run_resumes_after_sigkill_in_sample(tmp_path, tiny_dir):
     cfg_file = tmp_path / "killed.yaml"
     cfg_file.write_text(to_yaml(cfg))
     dalign = [sys.executable, "-m", "dalign.cli", "run", str(cfg_file)]
-    proc = subprocess.Popen(
-        dalign, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     store = RunDir(cfg.run_dir, cfg).store("samples")
-    deadline = time.time() + 120
-    while len(store.files()) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "sample finished before the kill"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = len(store.read())
+    before = kill_after_shards(dalign, store)
     total = (6 + 2 + 3) * 4
     assert 0 < before < total
     out = subprocess.run(dalign, capture_output=True, text=True, timeout=300)

@@ -1,14 +1,10 @@
-import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import register_tiny_datasets
+from tiny import kill_after_shards, register_tiny_datasets
 
 from dalign.config import load_config
 from dalign.models import load_model, prompt_ids
@@ -182,7 +178,7 @@ def test_capture_column_matches_scoring_forward(tmp_path, tiny_dir):
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from tiny import register_tiny_datasets
+from tiny import kill_after_shards, register_tiny_datasets
 from dalign.config import load_config
 from dalign.rundir import RunDir
 from dalign.sample.stage import run_sample
@@ -205,15 +201,8 @@ def test_resume_after_sigkill(tmp_path, tiny_dir):
     cfg = _config(tmp_path, tiny_dir, sample={"batch_size": 2}, name="killed")
     cfg_path.write_text(to_yaml(cfg))
     script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), cfg=str(cfg_path))
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], start_new_session=True)
     store = RunDir(cfg.run_dir, cfg).store("samples")
-    deadline = time.time() + 120
-    while len(store.files()) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the sampler finished before it could be killed; slow it down"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = len(store.read())
+    partial = kill_after_shards([sys.executable, "-c", textwrap.dedent(script)], store)
     assert 0 < partial < 24
 
     run = RunDir.for_config(cfg)

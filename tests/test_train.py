@@ -299,3 +299,18 @@ def test_grpo_disabled_or_missing_inputs(tmp_path, tiny_dir):
 
 def test_train_error_is_runtime_error():
     assert issubclass(NoTrainingData, TrainError) and issubclass(TrainError, RuntimeError)
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    from dalign.train.common import atomic_dir
+
+    dest = tmp_path / "adapter"
+    (tmp_path / ".adapter.dead.tmp").mkdir()  # left by a killed run
+    with atomic_dir(dest) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (dest / "a.txt").read_text() == "1" and not (tmp_path / ".adapter.dead.tmp").exists()
+    with pytest.raises(RuntimeError), atomic_dir(dest) as tmp:
+        (tmp / "a.txt").write_text("2")
+        raise RuntimeError("training crashed")
+    assert (dest / "a.txt").read_text() == "1"  # the old adapter survives a failed retrain
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]

@@ -149,3 +149,20 @@ def register_tiny_datasets() -> None:
                 "source": "tests",
             }
         )
+
+
+def kill_after_shards(cmd: list[str], store, shards: int = 2, timeout: float = 120.0) -> int:
+    """Start `cmd`, SIGKILL its process group once `store` holds `shards` shards; return the rows left on disk."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while len(store.files()) < shards and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the stage finished before it could be killed; give it more work"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(store.read())

@@ -139,6 +139,10 @@ def strip_bos(tok, text: str) -> str:
 def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield a temp dir next to `dest`; on success it replaces `dest`, on error it is removed."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed mid-training leaves its temp dir behind; the stage is not meant to run twice at once, so
+    # any such leftover is stale.
+    for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
     try:
