@@ -1,9 +1,11 @@
 """Batched N-candidate sampling where every sequence has its own seed.
 
 `model.generate(do_sample=True)` draws all rows from one global RNG, so a candidate's text depends on which other
-rows shared its batch. We instead run generate in greedy mode behind a logits processor that adds Gumbel noise from a
-per-row `torch.Generator`: argmax(logits/T + Gumbel) is an exact sample from softmax(logits/T), and each row's noise
-depends only on its own seed and step. A rerun, a different batch size or a different bucketing gives the same text.
+rows shared its batch. We instead run generate in greedy mode behind a logits processor that samples each row by
+inverse CDF with one uniform number from that row's own `torch.Generator`, and leaves only the sampled token
+finite, so greedy's argmax takes it. Each row's draw depends only on its own seed and step: a rerun, a different
+batch size or a different bucketing gives the same text. (One uniform per row and step, not one per vocabulary
+entry as Gumbel-max would need, keeps the cost at that of plain sampling.)
 
 Optionally the aligned model's hidden state of the final token is captured while generating (forward hooks), so
 latent-similarity scoring later needs only the base model's pass.
@@ -28,7 +30,7 @@ def derive_seed(base: int, *parts: object) -> int:
 
 
 class RowSeededSampling(LogitsProcessor):
-    """Temperature, top-p, then per-row Gumbel noise; generate's greedy argmax then samples exactly."""
+    """Temperature, top-p, then an exact per-row sample; the returned scores are -inf except at that token."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -43,10 +45,11 @@ class RowSeededSampling(LogitsProcessor):
             drop_sorted = (cum - sorted_scores.softmax(-1)) >= self.top_p  # keep the token that crosses top_p
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
-        vocab = scores.shape[-1]
-        u = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).to(scores.device)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-        return scores + gumbel
+        cdf = scores.softmax(-1).cumsum(-1)
+        u = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(scores.device)
+        # side="right": the first index whose cdf exceeds u*total, so the chosen token has probability > 0.
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_max(cdf.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
 @dataclass
