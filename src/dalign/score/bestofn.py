@@ -16,8 +16,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from dalign.models.chat import prompt_ids
 from dalign.models.pair import ModelPair
 from dalign.score.engine import ScoreEngine, ScoreRow
@@ -112,30 +110,28 @@ class BestOfN:
         seed: int | None = None,
         **sampling,
     ) -> Choice:
-        """Sample `n` answers from the aligned model (HF `generate`) and choose one; extra kwargs go to generate."""
-        tok = self.pair.tokenizer
+        """Sample `n` answers from the aligned model with dalign's seeded sampler and choose one.
+
+        Candidate i uses seed derive_seed(seed, i), so the same call returns the same answers; `sampling` takes
+        `repetition_penalty`.
+        """
+        from dalign.sample.sampler import derive_seed, sample_batch
+
         pids = self._prompt_ids(prompt)
-        if seed is not None:
-            torch.manual_seed(seed)
-        x = torch.tensor([pids], device=self.pair.device)
-        kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, num_return_sequences=n)
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        kwargs.update(sampling)
-        with self.pair.aligned() as model, torch.inference_mode():
-            out = model.generate(
-                input_ids=x,
-                attention_mask=torch.ones_like(x),
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                **kwargs,
+        base = 0 if seed is None else seed
+        with self.pair.aligned() as model:
+            gens = sample_batch(
+                model,
+                self.pair.tokenizer,
+                [pids] * n,
+                [derive_seed(base, "bestofn", i) for i in range(n)],
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                **sampling,
             )
-        cands = []
-        for seq in out[:, len(pids) :].tolist():
-            # Keep through the first EOS (it is the final token when generation stopped); drop the padding.
-            if tok.eos_token_id in seq:
-                seq = seq[: seq.index(tok.eos_token_id) + 1]
-            cands.append(seq)
+        cands = [g.token_ids for g in gens]
+        tok = self.pair.tokenizer
         choice = self.choose_ids(pids, cands)
         choice.candidates = [tok.decode(c, skip_special_tokens=True) for c in cands]
         return choice
