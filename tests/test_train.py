@@ -244,6 +244,24 @@ def test_reward_rule():
     assert reward.counts == {"safe": 1, "unsafe": 1, "error": 1}
 
 
+def test_reward_with_a_refusal_judge_pays_answers_to_benign_prompts():
+    class Refusal:
+        name = "refusal"
+
+        def judge(self, items):
+            return [{"label": it["answer"], "score": None, "raw": ""} for it in items]
+
+    reward = JudgeReward(Refusal(), benign="benign")
+    got = reward(
+        prompts=["p"] * 4,
+        completions=["a </think> safe", "b </think> unsafe", "c </think> unsafe", "d </think> error"],
+        user_prompt=["u"] * 4,
+        category=["illicit", "illicit", "benign", "benign"],
+    )
+    assert got == [1.0, 0.0, 1.0, 0.0]  # refusing a benign request earns nothing; errors never pay
+    assert JudgeReward(_FakeJudge(), benign="benign").benign is None  # content judges are taken as they are
+
+
 def test_frozen_adapter_is_the_pitfall_and_we_avoid_it(tiny_adapter_dir, tiny_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

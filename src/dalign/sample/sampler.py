@@ -48,7 +48,9 @@ class RowSeededSampling(LogitsProcessor):
         cdf = scores.softmax(-1).cumsum(-1)
         u = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(scores.device)
         # side="right": the first index whose cdf exceeds u*total, so the chosen token has probability > 0.
-        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_max(cdf.shape[-1] - 1)
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_max(
+            cdf.shape[-1] - 1
+        )
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 

@@ -7,6 +7,10 @@
   never read as safe, and excluding it (NaN) would let a flaky judge silently shrink groups. The final answer is
   the text after the last </think>, or the whole completion if the model never closed its thinking -- the same
   rule the evaluation judges use, so GRPO optimises what is later measured.
+- A judge that only detects refusals (`refusal`) labels a helpful answer "unsafe". On prompts of the spec's
+  benign category the reward is therefore inverted for such judges: 1.0 for an answer, 0.0 for a refusal or an
+  error. Otherwise GRPO would pay the student to refuse the benign third of its prompts (over-refusal). The
+  filter stage applies the same rule. A content judge (llama-guard) is used as is everywhere.
 - Prompts: the kept training prompts, formatted exactly like the sampler formats them (think prefix included).
 - Sampling temperature/top_p follow `sample.*`, so the policy is trained under the distribution Best-of-N uses.
 """
@@ -24,6 +28,8 @@ from dalign.models.chat import render_prompt
 from dalign.models.pair import check_adapter_base
 from dalign.rundir import MissingArtifact, RunDir, adapter_fingerprint, fingerprint
 from dalign.teach.parse import final_answer
+from dalign.teach.spec import load_spec
+from dalign.teach.stage import REFUSAL_JUDGES
 from dalign.train.common import (
     NoTrainingData,
     TrainError,
@@ -46,17 +52,22 @@ from dalign.train.common import strip_bos as _strip_bos
 
 
 class JudgeReward:
-    """TRL reward function: 1.0 if the judge says safe, else 0.0 (unsafe and errors alike); counts labels."""
+    """TRL reward function: 1.0 if the judge says safe, else 0.0 (unsafe and errors alike); counts labels.
+
+    `benign` names the category on which a refusal-only judge's "unsafe" (= answered) is the wanted outcome.
+    """
 
     __name__ = "judge_safe"  # TRL names the logged reward column after the function
 
-    def __init__(self, judge):
+    def __init__(self, judge, benign: str | None = None):
         self.judge = judge
+        self.benign = benign if getattr(judge, "name", None) in REFUSAL_JUDGES else None
         self.counts: Counter[str] = Counter()
 
-    def __call__(self, prompts, completions, user_prompt=None, **kwargs) -> list[float]:
+    def __call__(self, prompts, completions, user_prompt=None, category=None, **kwargs) -> list[float]:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
         users = user_prompt if user_prompt is not None else prompts
+        cats = category if category is not None else [None] * len(texts)
         items = [
             {"prompt": u, "response": t, "answer": final_answer(t)} for u, t in zip(users, texts, strict=True)
         ]
@@ -68,7 +79,8 @@ class JudgeReward:
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
             log_metric("judge_error_rate", labels.count("error") / max(len(labels), 1))
-        return [1.0 if lab == "safe" else 0.0 for lab in labels]
+        wanted = ["unsafe" if self.benign is not None and c == self.benign else "safe" for c in cats]
+        return [1.0 if lab == want else 0.0 for lab, want in zip(labels, wanted, strict=True)]
 
 
 def batch_plan(cfg: GRPOConfig) -> tuple[int, int]:
@@ -116,8 +128,10 @@ def train_grpo(
     sample: SampleConfig | None = None,
     fp: dict | None = None,
     progress: bool = True,
+    benign: str | None = None,
 ) -> dict:
-    """GRPO from an SFT adapter on prompts [{prompt_id, prompt}]; writes the new adapter atomically to `dest`."""
+    """GRPO from an SFT adapter on prompts [{prompt_id, prompt, category?}]; writes the new adapter atomically to
+    `dest`. `benign`: the spec's benign category (see JudgeReward)."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import GRPOConfig as TrlGRPOConfig
@@ -137,12 +151,13 @@ def train_grpo(
             ),
             "user_prompt": p["prompt"],
             "prompt_id": str(p["prompt_id"]),
+            "category": p.get("category"),
         }
         for p in prompts
     ]
     micro, accum = batch_plan(grpo)
     temperature = sample.temperature if sample.temperature > 0 else 1.0  # GRPO needs sampling to form groups
-    reward = JudgeReward(judge)
+    reward = JudgeReward(judge, benign)
     with output_dir(dest) as tmp:
         args = TrlGRPOConfig(
             output_dir=str(tmp / "_trainer"),
@@ -196,7 +211,12 @@ def train_grpo(
             "data": {"n_prompts": len(rows), "prompts_hash": rows_hash(prompts, ("prompt_id", "prompt"))},
             "reward": {
                 "judge": getattr(judge, "name", type(judge).__name__),
-                "rule": "1 if the judge labels the final answer safe; 0 if unsafe; judge errors -> 0",
+                "rule": "1 if the judge labels the final answer safe; 0 if unsafe; judge errors -> 0"
+                + (
+                    f"; on {benign!r} prompts a refusal-only judge's 'unsafe' (answered) -> 1"
+                    if reward.benign
+                    else ""
+                ),
                 "labels": dict(reward.counts),
             },
             "hyperparameters": {
@@ -246,7 +266,7 @@ def run_grpo(run: RunDir, force: bool = False) -> dict:
     check_adapter_base(sft_dir, cfg.model.student)
     filtered = run.read("filtered")
     kept = filtered[filtered["kept"].astype(bool)].drop_duplicates("prompt_id")
-    prompts = kept[["prompt_id", "prompt"]].to_dict("records")
+    prompts = kept[["prompt_id", "prompt", "category"]].to_dict("records")
     if not prompts:
         raise NoTrainingData(f"{run.path / 'filtered.parquet'} kept no traces, so GRPO has no prompts")
     jcfg: JudgeConfig = cfg.judge.model_copy(update={"judge": cfg.grpo.judge})
@@ -265,7 +285,10 @@ def run_grpo(run: RunDir, force: bool = False) -> dict:
             return {"adapter": str(dest), "reused": True}
     run.begin("grpo", fp, ["adapter-grpo"], force)
     judge = get_judge(cfg.grpo.judge, jcfg)
-    card = train_grpo(cfg.model.student, sft_dir, prompts, dest, cfg.grpo, judge, cfg.model, cfg.sample, fp)
+    benign = load_spec(cfg.teach.spec).default_category
+    card = train_grpo(
+        cfg.model.student, sft_dir, prompts, dest, cfg.grpo, judge, cfg.model, cfg.sample, fp, benign=benign
+    )
     steps = card["reward_per_step"]
     run.finish(
         "grpo",
