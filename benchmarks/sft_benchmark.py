@@ -4,7 +4,8 @@ Runs the real stages (teach --teacher corpus -> filter -> sft) in a run director
 AdvBench prompts with the base student and with the student + adapter, both formatted exactly as the sampler does
 (render_prompt with the think prefix), and labels every final answer with the refusal judge.
 
-    .venv/bin/python benchmarks/sft_benchmark.py                       # full run (long on a CPU)
+    .venv/bin/python benchmarks/sft_benchmark.py                       # paper hyper-parameters (3 epochs)
+    .venv/bin/python benchmarks/sft_benchmark.py --lr 4e-4 --epochs 1 --effective-batch 8   # the adapter we ship
     .venv/bin/python benchmarks/sft_benchmark.py --limit 8 --max-steps 2 --out /tmp/sft-smoke   # smoke test
 
 Last stdout line: JSON with sft_wall_s, tokens_per_s, train_tokens, steps, kept_traces, refusal_base,
