@@ -1,4 +1,4 @@
-"""Safety spec, teacher prompt, trace parsing, teachers (corpus / hf / openai stub), the shipped corpus, filter."""
+"""Safety spec, teacher prompt, trace parsing, teachers (corpus / hf / openai stub), filter (corpus: test_corpus.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 
 from dalign.config import TeachConfig, load_config
 from dalign.rundir import RunDir
-from dalign.teach.corpus import STAR41K_SHARES, CorpusError, corpus_card, load_corpus
+from dalign.teach.corpus import load_corpus
 from dalign.teach.parse import final_answer, format_trace, parse_trace
 from dalign.teach.spec import (
     DEFAULT_SPEC,
@@ -172,97 +172,6 @@ def test_format_roundtrip_and_final_answer():
     assert raw == "<think>\nwhy\n</think>\n\nwhat"
     assert parse_trace(raw).answer == "what" and final_answer(raw) == "what"
     assert final_answer("no tags here ") == "no tags here"
-
-
-# ---------------------------------------------------------------- the shipped corpus
-
-
-@pytest.fixture(scope="module")
-def corpus() -> pd.DataFrame:
-    return load_corpus()
-
-
-def test_corpus_schema_and_counts(corpus):
-    spec = load_spec()
-    card = corpus_card(corpus)
-    assert 270 <= card["size"] <= 360
-    assert set(corpus["category"]) == set(spec.categories)  # every category covered
-    assert set(corpus["decision"]) == {"refuse", "safe_complete", "comply"}
-    assert 0.30 <= card["benign_share"] <= 0.40
-    for cat, share in STAR41K_SHARES.items():  # harmful mix close to STAR-41K's
-        assert abs(card["harmful_shares"][cat] - share) < 0.05, cat
-    assert (corpus.loc[corpus["category"] == "benign", "decision"] == "comply").all()
-    assert corpus["id"].is_unique and corpus["prompt"].str.strip().str.lower().is_unique
-
-
-def test_corpus_traces_follow_the_format(corpus):
-    spec = load_spec()
-    for rec in corpus.itertuples():
-        own = spec.section(rec.category).number
-        assert f"section {own}." in rec.cot, f"{rec.id}: the reasoning must cite its own section {own}"
-        assert not re.search(r"policy section|section \d\.\d", rec.answer, re.I), (
-            f"{rec.id}: answer cites the policy"
-        )
-        assert "<think>" not in rec.cot + rec.answer and "</think>" not in rec.cot + rec.answer, rec.id
-        assert 15 <= len(rec.cot.split()) <= 160 and 8 <= len(rec.answer.split()) <= 220, rec.id
-    harmful = corpus[corpus["category"] != "benign"]
-    assert (
-        harmful["cot"].str.contains(r"\b(?:refuse|safe-complete|safe complete|comply)", case=False).mean()
-        > 0.9
-    )
-    # refusals vary: no single opening is used by most of them (today "I can't help" opens 37 %)
-    openers = corpus.loc[corpus["decision"] == "refuse", "answer"].str.split().str[:3].str.join(" ")
-    assert openers.value_counts().iloc[0] / len(openers) < 0.5
-
-
-def _eval_prompts() -> dict[str, list[str]]:
-    """Offline evaluation sets (public benchmarks and the utility stand-ins)."""
-    from dalign.config import DatasetRef
-    from dalign.data import load_dataset
-
-    out = {}
-    for name in ("advbench", "harmbench", "dan", "mmlu", "asdiv", "strongreject"):
-        try:
-            out[name] = load_dataset(DatasetRef(name=name, source="offline"))["prompt"].tolist()
-        except Exception:  # a set not available offline is simply not checked here
-            continue
-    return out
-
-
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower()))
-
-
-def test_corpus_does_not_overlap_evaluation_sets(corpus):
-    from dalign.data.dedup import find_overlap
-
-    evals = _eval_prompts()
-    assert {"advbench", "harmbench"} <= set(evals), "offline AdvBench/HarmBench are needed for this check"
-    train = corpus["prompt"].tolist()
-    for name, prompts in evals.items():
-        hits = find_overlap(train, prompts)
-        assert not hits, f"corpus prompts found in {name}: {[h.text[:80] for h in hits[:3]]}"
-    # near-duplicates of the short harmful-behaviour lists (a reworded AdvBench line would pass the exact check)
-    for name in ("advbench", "harmbench"):
-        ev = [_words(p) for p in evals[name]]
-        for text in train:
-            w = _words(text)
-            close = [e for e in ev if len(w | e) and len(w & e) / len(w | e) >= 0.7]
-            assert not close, f"corpus prompt {text[:80]!r} nearly repeats a {name} item"
-
-
-def test_corpus_errors_name_file_and_line(tmp_path):
-    good = {"id": "x-1", "prompt": "p", "category": "benign", "decision": "comply", "cot": "c", "answer": "a"}
-    f = tmp_path / "t.jsonl"
-    f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "x-2", "category": "cooking"}) + "\n")
-    with pytest.raises(CorpusError, match=r"t.jsonl:2: category 'cooking'"):
-        load_corpus([f])
-    f.write_text(json.dumps(good) + "\n{not json\n")
-    with pytest.raises(CorpusError, match=r"t.jsonl:2: not valid JSON"):
-        load_corpus([f])
-    f.write_text(json.dumps({k: v for k, v in good.items() if k != "cot"}) + "\n")
-    with pytest.raises(CorpusError, match=r"t.jsonl:1: missing field\(s\) \['cot'\]"):
-        load_corpus([f])
 
 
 # ---------------------------------------------------------------- teach stage

@@ -1,7 +1,8 @@
 """The shipped trace corpus: deliberative traces written for this project (see corpus/CARD.md).
 
 Each JSONL line holds id, prompt, category, decision, cot, answer. `load_corpus()` validates every line and names
-the file and line of any problem; `corpus_card()` summarises sizes, categories and decisions.
+the file and line of any problem; `corpus_card()` summarises sizes, categories, decisions and diversity (the
+numbers in corpus/CARD.md come from it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dalign.data.dedup import normalize
 from dalign.teach.spec import Spec, load_spec
 
 CORPUS_DIR = Path(__file__).with_name("corpus")
@@ -29,6 +31,14 @@ STAR41K_SHARES = {
     "misinformation": 0.107,
     "privacy": 0.089,
     "intellectual_property": 0.034,
+}
+
+
+# Word-count bins of the card's length histograms (upper edges; the last bin is open).
+LENGTH_BINS = {
+    "prompt": [10, 20, 40, 80, 160],
+    "cot": [40, 60, 80, 100, 120, 150],
+    "answer": [25, 50, 100, 150, 200],
 }
 
 
@@ -103,6 +113,7 @@ def corpus_card(df: pd.DataFrame | None = None, spec: Spec | None = None) -> dic
         "files": dict(Counter(df["file"])) if "file" in df else {},
         "categories": {c: by_cat.get(c, 0) for c in spec.categories},
         "decisions": dict(Counter(df["decision"])),
+        "decision_shares": {d: round(n / max(len(df), 1), 3) for d, n in Counter(df["decision"]).items()},
         "category_decisions": {
             c: dict(Counter(df.loc[df["category"] == c, "decision"]))
             for c in spec.categories
@@ -116,4 +127,43 @@ def corpus_card(df: pd.DataFrame | None = None, spec: Spec | None = None) -> dic
             "cot": round(df["cot"].str.split().str.len().mean(), 1),
             "answer": round(df["answer"].str.split().str.len().mean(), 1),
         },
+        "distinct": {
+            f: {"distinct_1": distinct_n(df[f], 1), "distinct_2": distinct_n(df[f], 2)}
+            for f in ("prompt", "answer")
+        },
+        "length_histograms": {f: length_histogram(df[f], edges) for f, edges in LENGTH_BINS.items()},
+        "top_openings": {
+            "answers": top_openings(df["answer"]),
+            "refusals": top_openings(df.loc[df["decision"] == "refuse", "answer"]),
+        },
     }
+
+
+def _words(text: str) -> list[str]:
+    return normalize(text).split()
+
+
+def distinct_n(texts: pd.Series, n: int) -> float:
+    """Distinct-n (Li et al. 2016): distinct word n-grams over all n-grams, pooled over the texts."""
+    grams = [tuple(w[i : i + n]) for w in map(_words, texts) for i in range(len(w) - n + 1)]
+    return round(len(set(grams)) / max(len(grams), 1), 3)
+
+
+def length_histogram(texts: pd.Series, edges: list[int]) -> dict[str, int]:
+    """Counts of texts per word-count bin, e.g. {'<=10': 3, '11-20': 5, ..., '>160': 0}."""
+    lows = [0, *edges]
+    labels = [f"<={edges[0]}"] + [f"{lo + 1}-{hi}" for lo, hi in zip(lows[1:], edges[1:], strict=False)]
+    counts = dict.fromkeys([*labels, f">{edges[-1]}"], 0)
+    keys = list(counts)
+    for n in texts.str.split().str.len():
+        counts[keys[sum(n > e for e in edges)]] += 1
+    return counts
+
+
+def top_openings(texts: pd.Series, words: int = 3, top: int = 5) -> list[dict]:
+    """The most repeated first `words` words (normalised) with count and share: a template shows up here."""
+    heads = Counter(" ".join(_words(t)[:words]) for t in texts)
+    return [
+        {"opening": h, "count": c, "share": round(c / max(len(texts), 1), 3)}
+        for h, c in heads.most_common(top)
+    ]
