@@ -140,17 +140,32 @@ def pick_device(device: str) -> torch.device:
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from dalign.models.cpu import fast_bf16
+
+        return torch.bfloat16 if device.type == "cuda" or fast_bf16() else torch.float32
     return getattr(torch, dtype)
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+    """`auto`: bf16 on GPUs and on CPUs with native bf16 matmuls (AMX / AVX-512 BF16), fp32 elsewhere."""
 
     tok = AutoTokenizer.from_pretrained(resolve_spec(spec), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+def describe_dtype(dtype: str, device: str = "auto") -> str:
+    """What `dtype` resolves to on this machine, and why for `auto`: e.g. 'bfloat16 (auto: CPU flags amx_bf16)'.
+    Stages record it in the manifest (the config only says `auto`)."""
+    from dalign.models.cpu import bf16_reason
+
+    dev = pick_device(device)
+    name = str(pick_dtype(dtype, dev)).removeprefix("torch.")
+    if dtype != "auto":
+        return name
+    return f"{name} (auto: {'GPU' if dev.type == 'cuda' else bf16_reason()})"
+
+
 
 
 def load_model(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):

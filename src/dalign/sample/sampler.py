@@ -1,11 +1,15 @@
 """Batched N-candidate sampling where every sequence has its own seed.
 
 `model.generate(do_sample=True)` draws all rows from one global RNG, so a candidate's text depends on which other
-rows shared its batch. We instead run generate in greedy mode behind a logits processor that samples each row by
-inverse CDF with one uniform number from that row's own `torch.Generator`, and leaves only the sampled token
-finite, so greedy's argmax takes it. Each row's draw depends only on its own seed and step: a rerun, a different
-batch size or a different bucketing gives the same text. (One uniform per row and step, not one per vocabulary
-entry as Gumbel-max would need, keeps the cost at that of plain sampling.)
+rows shared its batch. We instead sample each row by inverse CDF with one uniform number from that row's own
+`torch.Generator`. Each row's draw depends only on its own seed and step: a rerun, a different batch size or a
+different bucketing gives the same text. (One uniform per row and step, not one per vocabulary entry as
+Gumbel-max would need, keeps the cost at that of plain sampling.)
+
+The decode loop is our own rather than `generate`'s, for speed on CPU: a row leaves the batch (and its KV cache
+rows are dropped) as soon as it has produced its stop token, so finished candidates cost nothing while the
+others run on; with capture it leaves one step later, after its last token was fed. Per step it does what
+greedy `generate` does: repetition penalty (HF's rule), the model's `suppress_tokens`, then the draw.
 
 Optionally the aligned model's hidden state of the final token is captured while generating (forward hooks), so
 latent-similarity scoring later needs only the base model's pass.
@@ -18,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from dalign.models.family import cache_kwarg, family_of, generated_cache
 
@@ -29,15 +32,16 @@ def derive_seed(base: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") & (2**63 - 1)
 
 
-class RowSeededSampling(LogitsProcessor):
-    """Temperature, top-p, then an exact per-row sample; the returned scores are -inf except at that token."""
+class RowSeededSampling:
+    """Temperature, top-p, then an exact per-row draw from each row's own generator."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.top_p = top_p
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def draw(self, scores: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """One token per row of `scores` [B, V]; `rows[b]` names the generator (original batch row) of row b."""
         scores = scores.float() / self.temperature
         if self.top_p < 1.0:
             sorted_scores, order = scores.sort(dim=-1, descending=True)
@@ -46,12 +50,17 @@ class RowSeededSampling(LogitsProcessor):
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
         cdf = scores.softmax(-1).cumsum(-1)
-        u = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(scores.device)
+        u = torch.cat([torch.rand(1, generator=self.generators[r]) for r in rows]).to(scores.device)
         # side="right": the first index whose cdf exceeds u*total, so the chosen token has probability > 0.
-        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_max(
-            cdf.shape[-1] - 1
-        )
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
+        return token.clamp_max(cdf.shape[-1] - 1).squeeze(1)
+
+
+def repetition_penalty_(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's rule on every id in `seen` (prompt, padding and generated ids): negative logits times the penalty,
+    positive ones divided by it."""
+    picked = scores.gather(1, seen)
+    return scores.scatter_(1, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
 
 
 @dataclass
@@ -101,9 +110,11 @@ def sample_batch(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = _left_pad(prompts, pad_id, device)
-    stops = stop_ids(model, tokenizer)
+    stops = torch.tensor(stop_ids(model, tokenizer), device=device)
+    suppress = list(getattr(model.generation_config, "suppress_tokens", None) or [])
+    sampler = RowSeededSampling(seeds, temperature, top_p) if temperature > 0 else None
 
-    captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in capture_layers}
+    last: dict[int, torch.Tensor] = {}  # layer -> [B, H] state of the token fed by the latest call
     hooks = []
     if capture_layers:
         fam = family_of(model)
@@ -111,52 +122,65 @@ def sample_batch(
 
             def hook(_mod, _inp, out, layer=layer):
                 h = out[0] if isinstance(out, tuple) else out
-                captured[layer].append(h[:, -1, :].float().cpu())
+                last[layer] = h[:, -1, :].float().cpu()
 
             hooks.append(fam.layer_output_module(layer).register_forward_hook(hook))
 
-    processors = LogitsProcessorList()
-    if temperature > 0:
-        processors.append(RowSeededSampling(seeds, temperature, top_p))
+    n = len(prompts)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    reasons = ["length"] * n
+    hidden: list[dict[int, np.ndarray]] = [{} for _ in range(n)]
+    rows = list(range(n))  # original index of each live batch row
+    seen = ids  # every id each live row has so far (the repetition penalty reads them)
+    ckw = cache_kwarg(model)
     try:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            repetition_penalty=repetition_penalty,
-            max_new_tokens=max_new_tokens,
-            logits_processor=processors,
-            eos_token_id=stops,
-            pad_token_id=pad_id,
-            return_dict_in_generate=True,
-        )
-        gen = out.sequences[:, ids.shape[1] :].cpu()
-        lengths, reasons = [], []
-        for row in gen.tolist():
-            k = next((j + 1 for j, t in enumerate(row) if t in stops), None)
-            lengths.append(k if k is not None else len(row))
-            reasons.append("stop" if k is not None else "length")
-        if capture_layers and max(lengths) == gen.shape[1]:
-            # The last sampled token was never fed back; one more step computes its hidden state.
-            full_mask = torch.cat([mask, torch.ones_like(gen, device=device)], dim=1)
-            position_ids = full_mask.long().cumsum(-1)[:, -1:] - 1
-            model(
-                input_ids=gen[:, -1:].to(device),
-                attention_mask=full_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{cache_kwarg(model): generated_cache(out)},
-            )
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+        cache, logits = generated_cache(out), out.logits[:, -1]
+        for step in range(max_new_tokens):
+            scores = logits.float()
+            if repetition_penalty != 1.0:
+                scores = repetition_penalty_(scores, seen, repetition_penalty)
+            if suppress:
+                scores[:, suppress] = float("-inf")
+            tok = sampler.draw(scores, rows) if sampler else scores.argmax(-1)
+            stopped = torch.isin(tok, stops)
+            for b, (r, t) in enumerate(zip(rows, tok.tolist(), strict=True)):
+                tokens[r].append(t)
+                if stopped[b]:
+                    reasons[r] = "stop"
+            ended = stopped | (step + 1 == max_new_tokens)
+            if capture_layers:  # feed the token first: its state is the row's final-token state
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                out = _step(model, tok, mask, cache, ckw)
+                for b in ended.nonzero().flatten().tolist():
+                    hidden[rows[b]] = {layer: last[layer][b].numpy() for layer in capture_layers}
+            keep = (~ended).nonzero().flatten()
+            if len(keep) == 0:
+                break
+            if len(keep) < len(rows):  # finished rows leave the batch and their KV cache
+                rows = [rows[b] for b in keep.tolist()]
+                cache.batch_select_indices(keep)
+                mask, tok = mask[keep], tok[keep]
+                seen = seen[keep]
+            seen = torch.cat([seen, tok[:, None]], dim=1)
+            if capture_layers:
+                logits = out.logits[keep, -1]
+            else:
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                logits = _step(model, tok, mask, cache, ckw).logits[:, -1]
     finally:
         for h in hooks:
             h.remove()
+    return [Generation(tokens[i], reasons[i], hidden[i]) for i in range(n)]
 
-    results = []
-    for i, (k, reason) in enumerate(zip(lengths, reasons, strict=True)):
-        # Forward call j (0 = prefill) fed token j-1 of the response, so the k-th token's state is from call k.
-        hidden = {layer: captured[layer][k][i].numpy() for layer in capture_layers}
-        results.append(Generation(gen[i, :k].tolist(), reason, hidden))
-    return results
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _step(model, tok: torch.Tensor, mask: torch.Tensor, cache, ckw: str):
+    """Feed one token per row on the KV cache; `mask` already covers it."""
+    pos = mask.long().sum(-1, keepdim=True) - 1
+    return model(
+        input_ids=tok[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{ckw: cache}
+    )

@@ -276,8 +276,8 @@ class ScoreEngine:
             dev = self.pair.device
             for layer in self.layers:
                 ha = captured[layer].to(dev) if captured and layer in captured else a.final[layer]
-                for m in hidden:
-                    out[(m.name, layer)] = m.fn(ha.to(b.final[layer].dtype), b.final[layer])
+                for m in hidden:  # no cast down: a captured fp32 state stays fp32 (metrics upcast both)
+                    out[(m.name, layer)] = m.fn(ha, b.final[layer])
         if token:
             out.update(self._token_metrics(batch, token, a, b))
         keys = [r.key for r in batch]

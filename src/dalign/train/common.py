@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -14,6 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import TrainerCallback
 
 from dalign.config import config_hash
 from dalign.models.chat import THINK_CLOSE, THINK_OPEN
@@ -55,20 +65,26 @@ def use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def precision_flags() -> dict[str, bool]:
-    """bf16 mixed precision on GPUs that support it, plain fp32 on CPU (TRL's configs default bf16=True)."""
-    bf16 = use_cuda() and torch.cuda.is_bf16_supported()
-    return {"bf16": bf16, "fp16": False}
+def precision_flags(dtype: str = "auto") -> dict[str, bool]:
+    """Trainer mixed-precision flags for `model.dtype`: bf16/fp16 autocast over fp32 master weights.
 
-
-def load_student(spec: str, dtype: str = "auto", trust_remote_code: bool = False):
-    """Student weights on CPU in the training dtype; the Trainer moves them to its device (also under accelerate)."""
-    from dalign.models.loading import load_model, pick_dtype
+    `auto` is bf16 on GPUs that support it and on CPUs with AMX / AVX-512 BF16 (`dalign.models.cpu`), else fp32.
+    """
+    from dalign.models.loading import pick_dtype
 
     dt = pick_dtype(dtype, torch.device("cuda" if use_cuda() else "cpu"))
-    model, tok = load_model(
-        spec, dtype=str(dt).removeprefix("torch."), device="cpu", trust_remote_code=trust_remote_code
-    )
+    if dt == torch.float16 and not use_cuda():
+        raise TrainError("model.dtype=float16 training needs a GPU; on CPU use bfloat16 or float32")
+    bf16 = dt == torch.bfloat16 and (not use_cuda() or torch.cuda.is_bf16_supported())
+    return {"bf16": bf16, "fp16": dt == torch.float16}
+
+
+def load_student(spec: str, trust_remote_code: bool = False):
+    """Student weights in fp32 on CPU: the optimizer's master copy (autocast computes in bf16/fp16 when
+    `precision_flags` asks for it); the Trainer moves them to its device (also under accelerate)."""
+    from dalign.models.loading import load_model
+
+    model, tok = load_model(spec, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -235,3 +251,54 @@ def versions() -> dict[str, str]:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+
+class LiveProgress(TrainerCallback):
+    """A live rich bar for SFT/GRPO in `dalign run`: steps, loss (GRPO: reward), tokens/s and ETA, every step.
+
+    Used instead of TRL's RichProgressCallback, which stays hidden under `disable_tqdm` until training ends.
+    """
+
+    def __init__(self, what: str, metric: str = "loss"):
+        self.what, self.metric = what, metric
+        self.bar: Progress | None = None
+        self.task = None
+        self.t0 = 0.0
+        self.fields = {"shown": "", "tps": ""}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.t0 = time.perf_counter()
+        self.bar = Progress(
+            TextColumn(f"[bold]{self.what}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps  {task.fields[shown]}  {task.fields[tps]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(self.what, total=state.max_steps, **self.fields)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if self.metric in logs:
+            self.fields["shown"] = f"{self.metric} {float(logs[self.metric]):.4g}"
+        if "num_tokens" in logs:  # cumulative tokens seen, logged by TRL's trainers
+            rate = float(logs["num_tokens"]) / max(time.perf_counter() - self.t0, 1e-9)
+            self.fields["tps"] = f"{rate:.0f} tok/s"
+        self.bar.update(self.task, completed=state.global_step, **self.fields)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+            self.bar.stop()
+            self.bar = None

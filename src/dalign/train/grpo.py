@@ -31,6 +31,7 @@ from dalign.teach.parse import final_answer
 from dalign.teach.spec import load_spec
 from dalign.teach.stage import REFUSAL_JUDGES
 from dalign.train.common import (
+    LiveProgress,
     NoTrainingData,
     TrainError,
     is_main_process,
@@ -103,7 +104,7 @@ def load_trainable(student: str, adapter: Path, model_cfg: ModelConfig):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    model, tok = load_student(student, model_cfg.dtype, model_cfg.trust_remote_code)
+    model, tok = load_student(student, model_cfg.trust_remote_code)
     if (adapter / "tokenizer_config.json").exists():
         tok = AutoTokenizer.from_pretrained(adapter)  # SFT may have added <think> tokens
         if tok.pad_token is None:
@@ -136,7 +137,6 @@ def train_grpo(
     from transformers import PrinterCallback
     from trl import GRPOConfig as TrlGRPOConfig
     from trl import GRPOTrainer
-    from trl.trainer.callbacks import RichProgressCallback
 
     model_cfg = model_cfg or ModelConfig(student=student)
     sample = sample or SampleConfig()
@@ -178,7 +178,7 @@ def train_grpo(
             activation_checkpointing=use_cuda(),
             disable_tqdm=True,
             use_cpu=not use_cuda(),
-            **precision_flags(),
+            **precision_flags(model_cfg.dtype),
         )
         trainer = GRPOTrainer(
             model=model,
@@ -186,7 +186,7 @@ def train_grpo(
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tok,
-            callbacks=[RichProgressCallback()] if progress else None,
+            callbacks=[LiveProgress("GRPO", "reward")] if progress else None,
         )
         trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
@@ -228,7 +228,7 @@ def train_grpo(
                 "world_size": world_size(),
                 "trainable_parameters": n_trainable,
                 "optimizer_steps": trainer.state.global_step,
-                **precision_flags(),
+                **precision_flags(model_cfg.dtype),
                 "device": "cuda" if use_cuda() else "cpu",
             },
             "reward_per_step": [

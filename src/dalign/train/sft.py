@@ -22,6 +22,7 @@ from dalign.models.pair import check_adapter_base
 from dalign.rundir import RunDir, fingerprint
 from dalign.train.common import (
     DEFAULT_THINK_MODE,
+    LiveProgress,
     NoTrainingData,
     ThinkMode,
     ensure_think_tokens,
@@ -104,12 +105,11 @@ def train_sft(
     from transformers import PrinterCallback
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
-    from trl.trainer.callbacks import RichProgressCallback
 
     model_cfg = model_cfg or ModelConfig(student=student)
     if not rows:
         raise NoTrainingData("no training rows")
-    model, tok = load_student(student, model_cfg.dtype, model_cfg.trust_remote_code)
+    model, tok = load_student(student, model_cfg.trust_remote_code)
     new_ids = ensure_think_tokens(model, tok, think_mode)
     examples, notes = build_examples(
         tok, rows, model_cfg.system_prompt, model_cfg.think_prefix, sft.max_length
@@ -142,7 +142,7 @@ def train_sft(
             disable_tqdm=True,
             dataloader_num_workers=0,
             use_cpu=not use_cuda(),
-            **precision_flags(),
+            **precision_flags(model_cfg.dtype),
         )
         trainer = SFTTrainer(
             model=model,
@@ -150,7 +150,7 @@ def train_sft(
             train_dataset=Dataset.from_list(examples),
             processing_class=tok,
             peft_config=lora_config(sft.lora, model, train_embeddings=bool(new_ids)),
-            callbacks=[RichProgressCallback()] if progress else None,
+            callbacks=[LiveProgress("SFT", "loss")] if progress else None,
         )
         trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
@@ -195,7 +195,7 @@ def train_sft(
                 "world_size": world_size(),
                 "optimizer_steps": trainer.state.global_step,
                 "epochs_run": trainer.state.epoch,
-                **precision_flags(),
+                **precision_flags(model_cfg.dtype),
                 "device": "cuda" if use_cuda() else "cpu",
             },
             "loss": losses,

@@ -1,0 +1,149 @@
+"""bf16 on CPUs that run it fast: detection, `model.dtype: auto`, bf16 scoring error vs the fp64 reference,
+mixed-precision training with fp32 master weights, live training progress, and the FLOP count behind MFU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_score_engine import reference
+from torch.utils.flop_counter import FlopCounterMode
+
+from dalign.config import ModelConfig, SFTConfig
+from dalign.models import cpu, load_model
+from dalign.models.loading import pick_dtype
+from dalign.models.pair import ModelPair, load_pair
+from dalign.score.engine import ScoreEngine, ScoreRow
+from dalign.train.common import precision_flags
+from dalign.train.sft import train_sft
+
+
+@pytest.fixture
+def flags(monkeypatch):
+    """Pretend the CPU has these /proc/cpuinfo flags (and no DALIGN_CPU_BF16 override)."""
+    monkeypatch.delenv(cpu.ENV, raising=False)
+
+    def set_flags(*names):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(names))
+
+    return set_flags
+
+
+def test_bf16_detected_from_amx_or_avx512_bf16_flags(flags, monkeypatch):
+    for names, fast in [(("avx2", "amx_bf16"), True), (("avx512f", "avx512_bf16"), True), (("avx2",), False)]:
+        flags(*names)
+        assert cpu.fast_bf16() is fast, names
+        assert ("CPU flags" in cpu.bf16_reason()) is fast
+    monkeypatch.setenv(cpu.ENV, "1")  # the override wins over the flags
+    assert cpu.fast_bf16() and cpu.bf16_reason() == f"{cpu.ENV}=1"
+    monkeypatch.setenv(cpu.ENV, "yes")
+    with pytest.raises(ValueError, match="use 1"):
+        cpu.fast_bf16()
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_runs_it_fast(flags, tiny_dir):
+    flags("amx_bf16")
+    assert pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    model, _ = load_model(f"hf:{tiny_dir}", dtype="auto", device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert precision_flags("auto") == {"bf16": True, "fp16": False}
+    flags("avx2")
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert precision_flags("auto") == {"bf16": False, "fp16": False}
+    assert pick_dtype("float32", torch.device("cpu")) == torch.float32  # explicit dtypes are kept
+
+
+def test_bf16_scores_stay_close_to_fp64_and_pick_the_same_candidates(tiny_dir, tiny_adapter_dir):
+    """Latent similarity and KL in bf16 vs the unbatched fp64 reference: bounded error, same argmin choices."""
+    pair = load_pair(ModelConfig(student=f"hf:{tiny_dir}", device="cpu", dtype="bfloat16"), tiny_adapter_dir)
+    assert next(pair.model.parameters()).dtype == torch.bfloat16
+    ref = ModelPair(
+        model=load_pair(
+            ModelConfig(student=f"hf:{tiny_dir}", dtype="float32"), tiny_adapter_dir
+        ).model.double(),
+        tokenizer=pair.tokenizer,
+    )
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i in range(12):
+        p = torch.randint(4, 300, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+        for j in range(4):
+            r = torch.randint(4, 300, (int(torch.randint(4, 16, (1,), generator=g)),), generator=g).tolist()
+            rows.append(ScoreRow(p, r, ("b", str(i), j)))
+    layers = [2, 4]
+    got = ScoreEngine(pair, ["latent_similarity", "kl"], layers, batch_size=8, share_prompt=True).score(rows)
+    want = [reference(ref, r, layers) for r in rows]
+    for col in got:
+        err = np.abs(got[col] - np.array([w[col] for w in want]))
+        assert err.max() > 1e-4, f"{col}: no bf16 rounding visible (max error {err.max():.1e}): did it run in bf16?"
+        assert err.max() < (0.03 if col[0] == "latent_similarity" else 0.02), (col, err.max())
+    for layer in layers:  # the selector's choice (argmin per prompt) agrees with the reference's
+        col = ("latent_similarity", layer)
+        a = got[col].reshape(12, 4).argmin(1)
+        b = np.array([w[col] for w in want]).reshape(12, 4).argmin(1)
+        assert (a == b).mean() >= 0.75, (layer, a, b)
+
+
+def _rows(n):
+    return [
+        {
+            "prompt_id": str(i),
+            "prompt": f"How do I pick lock {i}?",
+            "cot": "Policy section 1 says refuse.",
+            "answer": "I can't help.",
+        }
+        for i in range(n)
+    ]
+
+
+def test_bf16_sft_autocasts_over_fp32_master_weights_and_shows_progress(
+    tmp_path, tiny_dir, monkeypatch, capsys
+):
+    """model.dtype=bfloat16: linear layers compute in bf16 while the trained LoRA weights stay fp32; the live
+    progress bar prints steps, the loss and the ETA while training."""
+    import dalign.train.sft as sft_mod
+
+    seen: set[torch.dtype] = set()
+    real = sft_mod.load_student
+
+    def observed(*a, **k):
+        model, tok = real(*a, **k)
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+        return model, tok
+
+    monkeypatch.setattr(sft_mod, "load_student", observed)
+    student = f"hf:{tiny_dir}"
+    cfg = SFTConfig(
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        learning_rate=5e-3,
+        epochs=1,
+        max_steps=2,
+        effective_batch_size=2,
+        per_device_batch_size=2,
+        max_length=128,
+    )
+    card = train_sft(
+        student, _rows(4), tmp_path / "adapter", cfg, ModelConfig(student=student, dtype="bfloat16")
+    )
+    assert torch.bfloat16 in seen  # autocast ran the forward in bf16
+    assert card["hyperparameters"]["bf16"] is True and card["hyperparameters"]["optimizer_steps"] == 2
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.float32}  # master weights
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "SFT" in text and "2/2" in text and "loss" in text and "ETA" in text
+
+
+def test_forward_flops_match_torch_flop_counter(tiny_dir):
+    """The MFU numerator against PyTorch's own FLOP counter on a full forward (eager attention computes all
+    T^2 query-key pairs)."""
+    model, _ = load_model(f"hf:{tiny_dir}", dtype="float32", device="cpu")
+    model.set_attn_implementation("eager")  # attention as matmuls, which the counter sees (not fused SDPA)
+    t = 24
+    x = torch.randint(4, 300, (2, t))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(input_ids=x)
+    assert cpu.forward_flops(model, 2 * t, 2 * t * t) == pytest.approx(fc.get_total_flops(), rel=0.01)
+    assert cpu.matmul_peak(torch.float32, n=128, seconds=0.05) > 0
