@@ -201,6 +201,54 @@ def quickstart(
     run(Path("quickstart"), set_=set_, from_=None, only=None, dry_run=False, print_config=False, force=force)
 
 
+@app.command("serve")
+def serve(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Student model spec (model.student).")] = None,
+    adapter: Annotated[str | None, typer.Option(help="LoRA adapter dir (model.adapter).")] = None,
+    metric: Annotated[str | None, typer.Option(help="Selection metric (serve.metric).")] = None,
+    layer: Annotated[int | None, typer.Option(help="Layer of a per-layer metric (serve.layer).")] = None,
+    n: Annotated[int | None, typer.Option("-n", help="Candidates per request (serve.n).")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Default temperature (serve.temperature).")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Default max_tokens (serve.max_tokens).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (serve.host; default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (serve.port; default 8000).")] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(help="Accepted Bearer key (repeatable; DALIGN_SERVE_API_KEYS keeps keys out of `ps`)."),
+    ] = None,
+) -> None:
+    """The Best-of-N guard as an OpenAI-compatible server: POST /v1/chat/completions answers with the least
+    base-like of N candidates; also /v1/models, /health, /metrics."""
+    from dalign.rundir import adapter_dir
+    from dalign.serve import run_server
+
+    _quiet_libraries()
+    options = {
+        "model.student": model,
+        "model.adapter": adapter,
+        "serve.metric": metric,
+        "serve.layer": layer,
+        "serve.n": n,
+        "serve.temperature": temperature,
+        "serve.max_tokens": max_tokens,
+        "serve.host": host,
+        "serve.port": port,
+    }
+    extra = list(set_ or []) + [f"{k}={v}" for k, v in options.items() if v is not None]
+    try:
+        run = _open_run(config, run_dir, extra)
+        if api_key:  # not through --set: a key must stay a string whatever it looks like
+            run.config.serve.api_keys = [*run.config.serve.api_keys, *api_key]
+        run_server(run.config, adapter_dir(run) if run_dir is not None else None)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        _fail(e)
+
+
 @app.command("models")
 def models() -> None:
     """Models available offline (packaged) and the accepted model spec forms."""

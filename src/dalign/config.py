@@ -228,6 +228,51 @@ class ReportConfig(Section):
     seed: int = Field(0, description="Bootstrap seed.")
 
 
+class ServeConfig(Section):
+    """`dalign serve`: the Best-of-N guard behind an OpenAI-compatible API (model settings come from `model`)."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address; anything but loopback needs API keys (the server refuses otherwise).",
+    )
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
+    model_name: str = Field(
+        "dalign-guard", description="Model id clients send as `model` and /v1/models lists."
+    )
+    metric: str = Field(
+        "latent_similarity", description="Selection metric (`dalign score --help` lists them)."
+    )
+    layer: int = Field(12, ge=1, description="Layer of per-layer metrics; requests may set bon.layer.")
+    n: int = Field(8, ge=1, description="Candidates per request unless it sets bon.n (paper: 8).")
+    max_candidates: int = Field(16, ge=1, description="Largest bon.n a request may ask for.")
+    temperature: float = Field(0.7, ge=0, description="Default sampling temperature (paper: 0.7).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Default nucleus sampling mass.")
+    max_tokens: int = Field(256, ge=1, description="Default completion budget per candidate.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_request_tokens: int = Field(
+        65536, ge=1, description="Per-request budget: candidates x (prompt + max_tokens) tokens, else 400."
+    )
+    max_messages: int = Field(256, ge=1, description="Most messages in one conversation.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body, else 413.")
+    max_batch: int = Field(64, ge=1, description="Most candidates sampled and scored together.")
+    max_wait_ms: float = Field(
+        10.0, ge=0, description="How long the first queued request waits for others to join its batch."
+    )
+    max_queue: int = Field(
+        64, ge=1, description="Requests waiting for a batch; beyond it the server answers 429."
+    )
+    score_batch_size: int = Field(64, ge=1, description="Rows per scoring forward pass.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted Bearer keys (prefer api_keys_env: configs get shared)."
+    )
+    api_keys_env: str = Field(
+        "DALIGN_SERVE_API_KEYS", description="Environment variable with more accepted keys, comma-separated."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM/Ctrl-C, how long running requests may take to finish."
+    )
+
+
 class RunConfig(Section):
     name: str = Field("run", description="Run name; the run directory is <runs_dir>/<name>.")
     runs_dir: str = Field("runs", description="Where run directories live.")
@@ -244,6 +289,7 @@ class RunConfig(Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Selection metrics.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="Selectors and layer calibration.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Report settings.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The guard as an OpenAI server.")
 
     @field_validator("stages")
     @classmethod

@@ -19,6 +19,11 @@ def render_prompt(
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": prompt}
     ]
+    return render_messages(tokenizer, messages, think_prefix)
+
+
+def render_messages(tokenizer, messages: list[dict], think_prefix: bool = False) -> str:
+    """A whole conversation ({role, content} dicts) formatted up to where the assistant's next turn starts."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return text + (THINK_OPEN + "\n" if think_prefix else "")
 
