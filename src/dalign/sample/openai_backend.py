@@ -1,0 +1,131 @@
+"""`sample.backend: openai`: candidates from an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve).
+
+- One `/v1/completions` request per candidate, with that candidate's own `seed` (the same derived seed the HF backend
+  uses), so a rerun asks only for missing candidates and gets the same text where the server honours seeds. `n` is
+  not used: vLLM and SGLang derive the N sub-seeds of an `n` request from one seed, so a resumed candidate would
+  differ; `transformers serve` and llama.cpp ignore `n` anyway.
+- The prompt is dalign's own chat formatting (same system prompt and `<think>` prefix as the HF backend), sent as
+  text, or as token ids with `prompt_token_ids` (vLLM, SGLang), so the server cannot tokenise it differently.
+- Generated token ids come from the server with `server_token_ids` (vLLM/SGLang: `logprobs` +
+  `return_tokens_as_token_ids`, tokens arrive as "token_id:N"), else by re-tokenising the returned text plus the
+  stop token; `token_ids_source` says which (`server` is exact, `retokenized` may differ from what was generated).
+- Scoring stays exact either way: `dalign score` runs the HF adapter pair on these ids.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+
+from dalign.models.openai_client import Endpoint, describe_error, make_client
+from dalign.models.pair import pair_tokenizer
+from dalign.rundir import RunDir, adapter_dir
+from dalign.sample.stage import sample_row
+
+# Server finish reasons -> dalign's (stop: a stop token or string ended it; length: the budget did).
+FINISH = {"stop": "stop", "eos": "stop", "length": "length"}
+TOKEN_ID_PREFIX = "token_id:"
+
+
+class ServerTokenIdsError(ValueError):
+    pass
+
+
+def server_token_ids(tokens: list[str] | None) -> list[int]:
+    """Ids from vLLM/SGLang logprobs tokens in the `token_id:N` form (return_tokens_as_token_ids)."""
+    if not tokens or not all(t.startswith(TOKEN_ID_PREFIX) for t in tokens):
+        sample = (tokens or [None])[0]
+        raise ServerTokenIdsError(
+            f"sample.openai.server_token_ids is on, but the server's logprobs tokens are not 'token_id:N' "
+            f"(first: {sample!r}); it does not offer token ids: set sample.openai.server_token_ids=false"
+        )
+    return [int(t[len(TOKEN_ID_PREFIX) :]) for t in tokens]
+
+
+class OpenAISampleWorker:
+    """Sends one chunk of work items as concurrent requests; commits the answered ones as one shard."""
+
+    artifact = "samples"
+    keys = ("benchmark", "prompt_id", "candidate")
+
+    def __init__(self, run: RunDir):
+        self.cfg = run.config.sample
+        self.think_prefix = run.config.model.think_prefix
+        oc = self.cfg.openai
+        if not oc.model:
+            raise ValueError(
+                "sample.backend=openai needs sample.openai.model: the name the server serves "
+                "(vLLM with --lora-modules aligned=<adapter>: aligned)"
+            )
+        endpoint = Endpoint(oc.base_url, oc.api_key_env, oc.timeout_s, oc.max_retries)
+        self.url = endpoint.resolved_url("sample.backend=openai")
+        self.client = make_client(endpoint, "sample.backend=openai")
+        self.tok = pair_tokenizer(run.config.model, adapter_dir(run))
+        self.store = run.store(self.artifact)
+        self.pool = ThreadPoolExecutor(oc.max_concurrency)
+        self.warned = False
+
+    def _request(self, item) -> dict:
+        sc, oc = self.cfg, self.cfg.openai
+        ids = [int(t) for t in item.prompt_token_ids]
+        extra = dict(oc.extra_body)
+        if sc.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = sc.repetition_penalty  # vLLM/SGLang sampling extension
+        kwargs = {}
+        if oc.server_token_ids:
+            kwargs["logprobs"] = 1
+            extra["return_tokens_as_token_ids"] = True
+        resp = self.client.completions.create(
+            model=oc.model,
+            prompt=ids if oc.prompt_token_ids else self.tok.decode(ids, skip_special_tokens=False),
+            max_tokens=sc.max_new_tokens,
+            temperature=sc.temperature,
+            top_p=sc.top_p,
+            seed=int(item.seed),
+            extra_body=extra or None,
+            **kwargs,
+        )
+        choice = resp.choices[0]
+        finish = FINISH.get(choice.finish_reason or "", choice.finish_reason or "unknown")
+        if oc.server_token_ids:
+            token_ids, source = server_token_ids(getattr(choice.logprobs, "tokens", None)), "server"
+        else:
+            # The text lacks the stop token (decoded without special tokens): put it back, as HF sampling keeps it.
+            token_ids = self.tok.encode(choice.text, add_special_tokens=False)
+            token_ids += [self.tok.eos_token_id] if finish == "stop" else []
+            source = "retokenized"
+        usage = getattr(resp, "usage", None)
+        if usage is not None and usage.prompt_tokens != len(ids) and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"{self.url} counted {usage.prompt_tokens} prompt tokens where dalign sent {len(ids)}: the server "
+                "re-tokenised the prompt differently (e.g. an added BOS); scores use dalign's ids. With vLLM or "
+                "SGLang set sample.openai.prompt_token_ids=true",
+                stacklevel=2,
+            )
+        return sample_row(
+            item, token_ids, finish, choice.text, think_prefix=self.think_prefix, token_ids_source=source
+        )
+
+    def __call__(self, chunk: pd.DataFrame) -> dict:
+        futures = [self.pool.submit(self._request, item) for item in chunk.itertuples(index=False)]
+        rows, failure = [], None
+        for fut in futures:
+            try:
+                rows.append(fut.result())
+            except ServerTokenIdsError:
+                raise
+            except Exception as e:  # keep the answered candidates, then say what failed
+                failure = failure or e
+        written = self.store.write(rows)
+        if failure is not None:
+            raise RuntimeError(
+                f"{describe_error(failure, self.url)} ({len(chunk) - len(rows)} of {len(chunk)} candidates in "
+                f"this batch failed; {written} answered ones are kept and a rerun asks only for the rest)"
+            ) from failure
+        return {"rows": written, "tokens": sum(len(r["token_ids"]) for r in rows)}
+
+
+__all__ = ["OpenAISampleWorker", "server_token_ids"]
