@@ -15,6 +15,7 @@ from typing import ClassVar
 from dalign.config import JudgeConfig
 from dalign.registry import Registry
 
+THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 SAFETY_LABELS = ("safe", "unsafe", "error")
 UTILITY_LABELS = ("correct", "wrong", "error")
@@ -31,7 +32,7 @@ class Judge:
     summary: ClassVar[str] = ""
 
     def __init__(self, cfg: JudgeConfig | None = None):
-        self.cfg = cfg if cfg is not None else JudgeConfig(judge=self.name)
+        self.cfg = cfg if cfg is not None else JudgeConfig(judges=[self.name])
 
     def judge(self, items: list[dict]) -> list[dict]:
         """items: dicts with prompt, response, answer (may be None) -> [{label, score (float|None), raw (str)}]."""
@@ -41,10 +42,15 @@ class Judge:
         """What determines this judge's verdicts (the cache key part); batch size does not."""
         return {"judge": self.name, "version": JUDGE_VERSION}
 
+    def threshold_or(self, default: float) -> float:
+        """This judge's decision threshold: judge.thresholds[name] when set, else the judge's own default."""
+        return float(self.cfg.thresholds.get(self.name, default))
+
 
 JUDGES: Registry[type[Judge]] = Registry("judge")
 _MODULES = (
     "dalign.judge.refusal",
+    "dalign.judge.content",
     "dalign.judge.checkers",
     "dalign.judge.llama_guard",
     "dalign.judge.rubric",
@@ -60,9 +66,7 @@ def get_judge(name: str, cfg: JudgeConfig | None = None) -> Judge:
     """A judge instance by registered name (unknown names list the known ones)."""
     _ensure_registered()
     cls = JUDGES.get(name)
-    if cfg is None:
-        cfg = JudgeConfig(judge=name)
-    return cls(cfg)
+    return cls(cfg if cfg is not None else JudgeConfig(judges=[name]))
 
 
 def final_answer(response: str | None) -> str:
@@ -71,6 +75,14 @@ def final_answer(response: str | None) -> str:
     if THINK_CLOSE in text:
         text = text.rsplit(THINK_CLOSE, 1)[1]
     return text.strip()
+
+
+def reasoning_closed(response: str | None, think_prefix: bool) -> bool:
+    """Does the response hold a final answer outside the reasoning? (`</think>` seen, or no reasoning opened.)"""
+    text = "" if response is None else str(response)
+    if THINK_CLOSE in text:
+        return True
+    return not think_prefix and THINK_OPEN not in text
 
 
 def judge_cli_help() -> str:
@@ -87,4 +99,4 @@ def result(label: str, score: float | None, raw: str) -> dict:
     return {"label": label, "score": None if score is None else float(score), "raw": str(raw)}
 
 
-__all__ = ["JUDGES", "Judge", "final_answer", "get_judge", "judge_cli_help", "result"]
+__all__ = ["JUDGES", "Judge", "final_answer", "get_judge", "judge_cli_help", "reasoning_closed", "result"]

@@ -2,8 +2,9 @@
 
 - `corpus`          the shipped traces (the embedded default teacher; it answers only its own prompts)
 - `hf:<id|dir>`     a local or hub model, batched generation with the teacher prompt as the user message
-- `openai:<model>`  an OpenAI-compatible chat endpoint (vLLM, llama.cpp server, ...): DALIGN_OPENAI_BASE_URL and
-                    DALIGN_OPENAI_API_KEY; each request is retried with exponential backoff, then a clear error.
+- `openai:<model>`  an OpenAI-compatible chat endpoint (vLLM, llama.cpp server, `transformers serve`, ...):
+                    DALIGN_OPENAI_BASE_URL and DALIGN_OPENAI_API_KEY, through dalign.models.openai_client (the `openai`
+                    SDK retries transient failures with backoff), then a clear error.
 
 `Teacher.run(requests)` yields lists of finished trace rows, batch by batch, so the stage writes each batch
 before asking for the next and a failure loses nothing already generated.
@@ -11,16 +12,12 @@ before asking for the next and a failure loses nothing already generated.
 
 from __future__ import annotations
 
-import json
-import os
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dalign.config import ModelConfig, TeachConfig
+from dalign.models.openai_client import Endpoint, describe_error, make_client
 from dalign.registry import Registry
 from dalign.teach.parse import THINK_CLOSE, format_trace, parse_trace
 
@@ -163,57 +160,44 @@ def _stop_ids(model, tok) -> set[int]:
 class OpenAITeacher(Teacher):
     """Chat completions over HTTP; `reasoning_content` (vLLM's reasoning parser) is folded back into the trace."""
 
-    retries = 5
-    backoff_s = 1.0  # first wait; doubles after each failed attempt
-    timeout_s = 600.0
-
-    def __init__(self, spec: str, cfg: TeachConfig, model_cfg: ModelConfig | None = None):
+    def __init__(
+        self,
+        spec: str,
+        cfg: TeachConfig,
+        model_cfg: ModelConfig | None = None,
+        endpoint: Endpoint | None = None,
+    ):
         super().__init__(spec, cfg, model_cfg)
         self.model = spec.partition(":")[2]
         self.name = spec
-        base = os.environ.get("DALIGN_OPENAI_BASE_URL")
-        if not base:
-            raise TeacherError(
-                "teacher openai:<model> needs DALIGN_OPENAI_BASE_URL (e.g. http://localhost:8000/v1 for a vLLM "
-                "server) and, if the server wants one, DALIGN_OPENAI_API_KEY"
-            )
-        self.url = base.rstrip("/") + "/chat/completions"
-        self.key = os.environ.get("DALIGN_OPENAI_API_KEY", "EMPTY")
-
-    def _post(self, payload: dict) -> dict:
-        req = urllib.request.Request(
-            self.url,
-            data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"},
-        )
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            return json.loads(resp.read().decode("utf-8"))
+        endpoint = endpoint or Endpoint()
+        try:
+            self.url = endpoint.resolved_url(f"teacher {spec}")
+        except ValueError as e:
+            raise TeacherError(str(e)) from None
+        self.client = make_client(endpoint, f"teacher {spec}")
 
     def complete(self, text: str) -> str:
-        """One raw trace; retries transient failures with backoff, raises TeacherError when they persist."""
-        payload = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": text}],
-            "temperature": self.cfg.temperature,
-            "max_tokens": self.cfg.max_new_tokens,
-        }
-        last: Exception | None = None
-        for attempt in range(self.retries):
-            try:
-                return _raw_from_response(self._post(payload))
-            except urllib.error.HTTPError as e:
-                body = e.read().decode("utf-8", "replace")[:300]
-                if e.code < 500 and e.code not in (408, 429):  # a bad request will not get better by waiting
-                    raise TeacherError(f"{self.url} rejected the request (HTTP {e.code}): {body}") from e
-                last = e
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError, KeyError) as e:
-                last = e
-            if attempt < self.retries - 1:
-                time.sleep(self.backoff_s * 2**attempt)
-        raise TeacherError(
-            f"teacher endpoint {self.url} failed {self.retries} times (last error: {last}). Check that the server "
-            f"is up and DALIGN_OPENAI_BASE_URL is right; traces finished so far are kept and a rerun resumes."
-        )
+        """One raw trace; the SDK retries transient failures, then TeacherError says what failed."""
+        import openai
+
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.model,
+                messages=[{"role": "user", "content": text}],
+                temperature=self.cfg.temperature,
+                max_tokens=self.cfg.max_new_tokens,
+            )
+        except openai.OpenAIError as e:
+            raise TeacherError(
+                f"teacher {self.name}: {describe_error(e, self.url)}. Traces finished so far are kept and a rerun "
+                "resumes."
+            ) from e
+        if not reply.choices:
+            raise TeacherError(
+                f"teacher {self.name}: {self.url} answered without choices: {str(reply)[:300]}"
+            )
+        return raw_trace(reply.choices[0].message)
 
     def run(self, requests: list[TeachRequest]) -> Iterator[list[dict]]:
         workers = max(1, self.cfg.batch_size)
@@ -231,10 +215,11 @@ class OpenAITeacher(Teacher):
                     raise error
 
 
-def _raw_from_response(data: dict) -> str:
-    msg = data["choices"][0]["message"]
-    content = msg.get("content") or ""
-    reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+def raw_trace(message) -> str:
+    """The trace text of a chat reply; a server-side reasoning field (vLLM `reasoning_content`) becomes <think>."""
+    content = message.content or ""
+    extra = message.model_extra or {}
+    reasoning = extra.get("reasoning_content") or extra.get("reasoning")
     if reasoning and THINK_CLOSE not in content:
         return format_trace(reasoning, content) if content.strip() else f"<think>\n{reasoning}"
     return content

@@ -1,0 +1,66 @@
+"""Honest evaluation protocols on the development data: grouped k-fold CV and leave-one-category-out.
+
+Grouped CV: every objective (prompt) is in exactly one test fold, so no request is seen in training and test.
+Leave-one-category-out (LOCO): each harm category is the test set once, trained on all the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from dalign.judge.devdata import grouped_folds
+
+# fit(train row indices) -> predict(test row indices) -> P(harmful)
+Fitter = Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+def binary_metrics(prob: np.ndarray, gold: np.ndarray, threshold: float = 0.5) -> dict:
+    """accuracy, precision/recall of 'harmful', AUROC of the probability (NaN where undefined), n."""
+    prob, gold = np.asarray(prob, dtype=float), np.asarray(gold, dtype=bool)
+    pred = prob > threshold
+    tp, fp, fn = int((pred & gold).sum()), int((pred & ~gold).sum()), int((~pred & gold).sum())
+    return {
+        "accuracy": float((pred == gold).mean()) if len(gold) else float("nan"),
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
+        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "auroc": auroc(prob, gold),
+        "n": int(len(gold)),
+    }
+
+
+def auroc(score: np.ndarray, gold: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties count one half (Mann-Whitney U)."""
+    score, gold = np.asarray(score, dtype=float), np.asarray(gold, dtype=bool)
+    pos, neg = int(gold.sum()), int((~gold).sum())
+    if not pos or not neg:
+        return float("nan")
+    ranks = pd.Series(score).rank(method="average").to_numpy()
+    return float((ranks[gold].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def out_of_fold(dev: pd.DataFrame, fit: Fitter, folds: np.ndarray) -> np.ndarray:
+    """P(harmful) of every row from a model that never saw its fold."""
+    prob = np.full(len(dev), np.nan)
+    for f in np.unique(folds):
+        test = np.flatnonzero(folds == f)
+        predict = fit(np.flatnonzero(folds != f))
+        prob[test] = predict(test)
+    return prob
+
+
+def cv_folds(dev: pd.DataFrame, k: int = 5, seed: int = 0) -> np.ndarray:
+    return grouped_folds(dev["prompt"], k, seed)
+
+
+def loco_folds(dev: pd.DataFrame) -> np.ndarray:
+    return pd.factorize(dev["category"])[0]
+
+
+def per_category(dev: pd.DataFrame, prob: np.ndarray, threshold: float = 0.5) -> dict[str, dict]:
+    return {
+        str(c): binary_metrics(prob[idx], dev["harmful"].to_numpy()[idx], threshold)
+        for c, idx in dev.groupby("category").indices.items()
+    }

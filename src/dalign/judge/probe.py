@@ -1,0 +1,88 @@
+"""A linear probe: standardised features -> logistic regression, fitted in fp64, saved as safetensors.
+
+The file holds four tensors (mean, scale, weight, bias) and, in the safetensors metadata, a JSON `meta` object
+with what is needed to compute the features again (model spec, layer, token budgets) and the decision threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Probe:
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray
+    bias: float
+    meta: dict = field(default_factory=dict)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.scale) @ self.weight + self.bias
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logits(np.asarray(x, dtype=np.float64))))
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "mean": self.mean.astype(np.float32),
+            "scale": self.scale.astype(np.float32),
+            "weight": self.weight.astype(np.float32),
+            "bias": np.array([self.bias], dtype=np.float32),
+        }
+        save_file(tensors, str(path), metadata={"meta": json.dumps(self.meta, sort_keys=True)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Probe:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"probe file {path} does not exist; train one with `dalign judge-train`")
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            t = {k: f.get_tensor(k).astype(np.float64) for k in ("mean", "scale", "weight", "bias")}
+        return cls(t["mean"], t["scale"], t["weight"], float(t["bias"][0]), meta)
+
+
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, l2: float, meta: dict | None = None, iters: int = 500) -> Probe:
+    """L2-regularised logistic regression on standardised features (mean loss + l2/2 * |w|^2), L-BFGS in fp64."""
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(0)
+    scale = x.std(0) + 1e-6
+    z = torch.from_numpy((x - mean) / scale)
+    t = torch.from_numpy(np.asarray(y, dtype=np.float64))
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=iters,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, t) + 0.5 * l2 * (w @ w)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return Probe(mean, scale, w.detach().numpy(), float(b.detach()[0]), dict(meta or {}))
