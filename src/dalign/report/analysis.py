@@ -15,15 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from dalign.report import stats
-from dalign.report.inputs import (
-    LAYERED,
-    Inputs,
-    candidate_labels,
-    derive_selection,
-    direction,
-    primary_judge,
-)
+from dalign.report import confound, stats
+from dalign.report.inputs import LAYERED, Inputs, candidate_labels, orientation, primary_judge
 
 # Table 1 row order; selectors not listed follow alphabetically, per-layer latent selectors go to the ablation.
 FIRST = ["single", "random", "perplexity", "self_certainty", "kl", "reverse_kl"]
@@ -157,8 +150,9 @@ def labelled_scores(inp: Inputs, judges: dict[str, str]) -> pd.DataFrame:
     return df[cols]
 
 
-def auroc_table(df: pd.DataFrame) -> dict[str, dict[str, dict]]:
-    """AUROC per safety benchmark (and pooled as '(all safety)') and metric key, oriented so > 0.5 = prefers safe.
+def auroc_table(df: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict[str, dict[str, dict]]:
+    """AUROC per safety benchmark (and pooled as '(all safety)') and metric key, oriented so > 0.5 = prefers safe,
+    with 95 % cluster-bootstrap CIs over prompts (`n_boot` resamples; the same as the finish-confound table's).
 
     `df` is `labelled_scores(...)`."""
     if df.empty:
@@ -201,6 +195,9 @@ def layer_ablation(
         if todo:
             derived = derive_selection(latent[latent["layer"].isin(todo)], bench)
             layers |= todo
+        g = g.reset_index(drop=True)
+        codes = confound.prompt_codes(g)
+        counts = confound.boot_counts(int(codes.max()) + 1, n_boot, seed)
     if not layers:
         return {}
     prompts = inp.prompts[bench]
@@ -209,6 +206,7 @@ def layer_ablation(
     out = {}
     for layer in sorted(layers):
         key = f"{LAYERED}@{layer}"
+            cis = confound.auroc_with_ci(v, safe, codes[m.index.to_numpy()], counts)
         if key in rates:
             out[str(layer)] = {**rates[key], "source": "selection"}
             continue
@@ -216,7 +214,9 @@ def layer_ablation(
         drop, why = stats.relative_drop(rates["single"]["value"], r.value)
         out[str(layer)] = {
             **r.as_dict(),
+                "auroc_ci": cis["ci"],
             "relative_drop": drop,
+                "within_prompt_ci": cis["within_ci"],
             "drop_note": why,
             "source": "derived from scores",
         }
@@ -328,7 +328,9 @@ def compute(
             res["figure5"][bench] = headroom_for_benchmark(inp, bench, judge)
     step("AUROC per metric and layer")
     labelled = labelled_scores(inp, res["judges"])
-    res["auroc"] = auroc_table(labelled)
+    res["auroc"] = auroc_table(labelled, n_boot, seed)
+    step("finish confound")
+    res["finish_confound"] = confound.analyse(labelled, inp.samples, n_boot, seed)
     res["agreement"] = judge_agreement(inp)
     res["lengths"] = lengths(inp)
     return res, labelled

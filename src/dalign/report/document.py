@@ -190,9 +190,9 @@ def _headroom_section(results: dict, figs: dict[str, Path]) -> Section:
 def _auc_cell(m: dict | None) -> str:
     if m is None:
         return DASH
-    pooled = f"{m['auroc']:.3f}" if _ok(m["auroc"]) else DASH
-    within = f"{m['within_prompt_auroc']:.3f}" if _ok(m["within_prompt_auroc"]) else DASH
-    return f"{pooled} / {within}"
+    return (
+        f"{auc(m['auroc'], m.get('auroc_ci'))} / {auc(m['within_prompt_auroc'], m.get('within_prompt_ci'))}"
+    )
 
 
 def _auroc_section(results: dict, figs: dict[str, Path]) -> Section:
@@ -211,6 +211,13 @@ def _auroc_section(results: dict, figs: dict[str, Path]) -> Section:
         row = [k]
         for b in benches:
             row.append(_auc_cell(au[b].get(k)))
+def auc(x: float | None, c: list | None = None) -> str:
+    """'0.543 [0.49, 0.60]': an AUROC with its CI when there is one."""
+    if not _ok(x):
+        return DASH
+    return f"{x:.3f}" + (f" [{c[0]:.2f}, {c[1]:.2f}]" if c and _ok(c[0]) and _ok(c[1]) else "")
+
+
         rows.append(row)
     sec.blocks += [
         Text(
@@ -219,7 +226,11 @@ def _auroc_section(results: dict, figs: dict[str, Path]) -> Section:
             "means the selector prefers safe candidates. First number: all candidates pooled; second: only pairs of "
             "candidates of the same prompt (the comparison Best-of-N makes). Ties count one half."
         ),
-        Table(["metric"] + benches, rows, "AUROC pooled / within-prompt"),
+        Table(
+            ["metric"] + benches,
+            rows,
+            "AUROC pooled / within-prompt [95 % cluster-bootstrap CI over prompts]",
+        ),
     ]
     unknown = sorted({m["metric"] for d in au.values() for m in d.values() if not m["direction_known"]})
     if unknown:
@@ -257,6 +268,67 @@ def _ablation_section(results: dict, figs: dict[str, Path]) -> Section:
         if vals:
             pick = min(vals, key=vals.get) if kinds[b] == "safety" else max(vals, key=vals.get)
             best.append(f"{b}: layer {pick} ({pct(vals[pick])} %)")
+def _confound_section(results: dict) -> Section | None:
+    """Finish confound (report/confound.py): AUROC and selector ASR within finished / length-capped candidates."""
+    fc = results.get("finish_confound") or {}
+    if not fc.get("benchmarks"):
+        return None
+    # The last entry: pooled over the safety benchmarks when there are several.
+    bench, res = next(reversed(fc["benchmarks"].items()))
+    sec = Section("Finish confound: finished vs length-capped candidates")
+    share = res["safe_share"]
+    sec.blocks.append(
+        Text(
+            f"{bench}: {share['finished']['n']} candidates ended with their stop token (finished), "
+            f"{share['capped']['n']} were cut at the token budget (capped). Safe: finished "
+            f"{pct(share['finished']['safe'])} % {ci(share['finished']['ci'])}, capped {pct(share['capped']['safe'])} % "
+            f"{ci(share['capped']['ci'])}. A final-token metric can tell the two apart by the last token alone; if "
+            "finished candidates are safer, its pooled AUROC rises without any base-model attribution. Below, each "
+            "metric's AUROC (pooled / within-prompt) on all candidates, on finished ones only and on capped ones only, "
+            "its AUROC for preferring finished over capped candidates, and its selector's ASR % when it chooses only "
+            "among a prompt's finished (or capped) candidates. Brackets: 95 % cluster-bootstrap CIs over prompts."
+        )
+    )
+    rows = []
+    for key, m in res["metrics"].items():
+        asr = m["selector_asr"]
+        rows.append(
+            [key]
+            + [
+                f"{auc(m[s]['auroc'], m[s]['ci'])} / {auc(m[s]['within'], m[s]['within_ci'])}"
+                for s in ("all", "finished", "capped")
+            ]
+            + [auc(m["finish_auroc"]["auroc"], m["finish_auroc"]["ci"])]
+            + [
+                f"{pct(asr[s]['asr'])} {ci(asr[s]['ci'])} (n={asr[s]['n_prompts']})"
+                for s in ("finished", "capped")
+            ]
+        )
+    cols = [
+        "metric",
+        "AUROC all",
+        "AUROC finished",
+        "AUROC capped",
+        "prefers finished (AUROC)",
+        "ASR % among finished",
+        "ASR % among capped",
+    ]
+    sec.blocks.append(Table(cols, rows, f"{bench}; per benchmark in results.json `finish_confound`"))
+    warnings = list(fc.get("warnings") or [])
+    cal = results.get("facts", {}).get("calibrated_layer")
+    cals = sorted(set(cal.values())) if isinstance(cal, dict) else [] if cal is None else [cal]
+    flagged = [c for c in cals if any(f"{LAYERED}@{c} " in w for w in warnings)]
+    if flagged:
+        warnings.insert(
+            0,
+            f"The calibrated layer ({', '.join(map(str, flagged))}) is flagged below: the layer calibration can "
+            "have been won by the finish signal; read its numbers with the within-finished and within-capped AUROCs.",
+        )
+    if warnings:
+        sec.blocks.append(Bullets(warnings))
+    return sec
+
+
     cols = ["layer"] + [f"{b} ({'ASR' if kinds[b] == 'safety' else 'acc.'} %)" for b in benches]
     sec.blocks += [
         Table(cols, rows, "rate with 95 % CI per layer"),
@@ -472,3 +544,4 @@ def main_table_for_run(run_dir: str | Path) -> str:
     if not path.is_file():
         return f"(no {path}: run `dalign report` first)"
     return main_table_text(json.loads(path.read_text(encoding="utf-8")))
+        *([sec] if (sec := _confound_section(results)) is not None else []),
