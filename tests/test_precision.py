@@ -75,7 +75,9 @@ def test_bf16_scores_stay_close_to_fp64_and_pick_the_same_candidates(tiny_dir, t
     want = [reference(ref, r, layers) for r in rows]
     for col in got:
         err = np.abs(got[col] - np.array([w[col] for w in want]))
-        assert err.max() > 1e-4, f"{col}: no bf16 rounding visible (max error {err.max():.1e}): did it run in bf16?"
+        assert err.max() > 1e-4, (
+            f"{col}: no bf16 rounding visible (max error {err.max():.1e}): did it run in bf16?"
+        )
         assert err.max() < (0.03 if col[0] == "latent_similarity" else 0.02), (col, err.max())
     for layer in layers:  # the selector's choice (argmin per prompt) agrees with the reference's
         col = ("latent_similarity", layer)
@@ -146,4 +148,9 @@ def test_forward_flops_match_torch_flop_counter(tiny_dir):
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(input_ids=x)
     assert cpu.forward_flops(model, 2 * t, 2 * t * t) == pytest.approx(fc.get_total_flops(), rel=0.01)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:  # LM head on the last position only
+        model(input_ids=x, logits_to_keep=1)
+    assert cpu.forward_flops(model, 2 * t, 2 * t * t, head_tokens=2) == pytest.approx(
+        fc.get_total_flops(), rel=0.01
+    )
     assert cpu.matmul_peak(torch.float32, n=128, seconds=0.05) > 0

@@ -6,8 +6,8 @@ GFLOP/s). Without them PyTorch emulates bf16 and it is *slower* than fp32, so `m
 bf16 where the flags are present. `DALIGN_CPU_BF16=1|0` overrides the detection (the test suite pins it to 0 so
 that `auto` means fp32 on every machine).
 
-`matmul_peak()` and `forward_flops()` give model FLOPs utilisation: FLOPs a workload needs over the best
-matmul rate measured on this machine in the same process.
+`matmul_peaks()`, `forward_flops()` / `generation_flops()` and `mfu()` give model FLOPs utilisation: the FLOPs a
+workload needs per second over the best matmul rate measured on this machine in the same process.
 """
 
 from __future__ import annotations
@@ -87,18 +87,47 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> floa
     return 2 * n**3 / best / 1e9
 
 
-def linear_params(model: nn.Module) -> int:
-    """Weights that take part in matmuls (every nn.Linear, LoRA factors and the LM head included)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+def matmul_peaks(seconds: float = 1.0) -> dict[str, float]:
+    """{"float32": GFLOP/s, "bfloat16": GFLOP/s}: the denominators of MFU, measured now in this process."""
+    return {name: matmul_peak(getattr(torch, name), seconds=seconds) for name in ("float32", "bfloat16")}
 
 
-def forward_flops(model: nn.Module, tokens: int, attended: int = 0) -> float:
-    """FLOPs of a forward pass over `tokens` positions: 2 per linear weight and token, plus attention scores
-    and mixing (2 x 2 x hidden per layer for each (query, key) pair; `attended` = number of such pairs)."""
+def _linear_weights(model: nn.Module) -> tuple[int, int]:
+    """(weights of every nn.Linear except the LM head, weights of the LM head); LoRA factors count as Linear."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    return body, head.weight.numel() if head is not None else 0
+
+
+def forward_flops(model: nn.Module, tokens: int, attended: int = 0, head_tokens: int | None = None) -> float:
+    """FLOPs of a forward pass over `tokens` positions: 2 per linear weight and position, plus attention (2 x 2 x
+    hidden per layer for each (query, key) pair; `attended` = number of pairs) and the LM head on `head_tokens`
+    positions (default: all). Elementwise work (norms, activations, softmax) is not counted, as is usual for MFU."""
     cfg = model.config
-    layers = getattr(cfg, "num_hidden_layers", 0)
-    hidden = getattr(cfg, "hidden_size", 0)
-    return 2.0 * linear_params(model) * tokens + 4.0 * layers * hidden * attended
+    body, head = _linear_weights(model)
+    attn = 4.0 * getattr(cfg, "num_hidden_layers", 0) * getattr(cfg, "hidden_size", 0) * attended
+    return 2.0 * body * tokens + attn + 2.0 * head * (tokens if head_tokens is None else head_tokens)
+
+
+def generation_flops(model: nn.Module, prompt_lens: list[int], new_tokens: list[int]) -> float:
+    """Prefill of each prompt (LM head at its last position: the first new token), then one decode step per
+    further new token, each attending to the prompt and the tokens before it. The last token is never fed back."""
+    steps = [max(n - 1, 0) for n in new_tokens]
+    attended = sum(
+        p * (p + 1) // 2 + sum(p + i + 1 for i in range(k)) for p, k in zip(prompt_lens, steps, strict=True)
+    )
+    return forward_flops(
+        model, sum(prompt_lens) + sum(steps), attended, head_tokens=len(prompt_lens) + sum(steps)
+    )
+
+
+def mfu(flops: float, seconds: float, peaks: dict[str, float]) -> str:
+    """'X GFLOP/s = a % of the bf16 peak, b % of the fp32 peak' for a benchmark line."""
+    rate = flops / max(seconds, 1e-12) / 1e9
+    return (
+        f"{rate:.1f} GFLOP/s = {100 * rate / peaks['bfloat16']:.1f} % of the bf16 peak "
+        f"({peaks['bfloat16']:.0f}), {100 * rate / peaks['float32']:.1f} % of the fp32 peak ({peaks['float32']:.0f})"
+    )
 
 
 def describe() -> dict:
