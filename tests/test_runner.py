@@ -49,6 +49,8 @@ def tiny_config(tmp_path: Path, tiny_dir: Path, name: str = "e2e", **sample_over
         "stages": ["teach", "filter", "sft", "sample", "judge", "score", "select", "report"],
         "model": {"student": f"hf:{tiny_dir}"},
         "teach": {"teacher": "corpus", "limit": 12},
+        "filter": {"judge": "refusal"},
+        "judge": {"judges": ["refusal"]},
         "sft": {"max_steps": 1, "per_device_batch_size": 2, "effective_batch_size": 2, "max_length": 1024},
         "sample": {
             "n": 4,
@@ -124,7 +126,7 @@ def test_end_to_end_reuse_and_changes(tmp_path, tiny_dir):
     with pytest.raises(StageMismatch, match="sample.temperature"):
         run_pipeline(changed)
     run_pipeline(changed, from_="sample", force=True)
-    assert RunDir(changed.run_dir).stage_entry("sample")["fingerprint"]["sample"]["temperature"] == 1.0
+    assert RunDir(changed.run_dir).made_with("samples").sample.temperature == 1.0
 
 
 def test_impossible_order_is_explained(tmp_path, tiny_dir):

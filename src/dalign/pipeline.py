@@ -1,9 +1,14 @@
-"""The stage table and `dalign run`: stages in order, skipping those already done under the same config.
+"""The artifact graph: each stage's config fields, inputs and outputs, and the plan `dalign run` follows.
 
-Each stage is a function `run_<stage>(run: RunDir, force: bool = False) -> dict` in its package's `stage.py`.
-It calls `run.begin(stage, fingerprint, outputs, force)` first (which refuses artifacts made under another
-config), does its work incrementally (skipping keys already present in its shard store), and ends with
+Each stage is a function `run_<stage>(run: RunDir, force: bool = False) -> dict` in its package. It validates its
+config and inputs, calls `run.begin(stage, force)` (the first write: it checks the outputs' recorded identity and
+sweeps what a killed run left), writes its outputs through `run.store(name)` (incremental, keyed), and ends with
 `run.finish(stage, rows=..., warnings=...)`. The returned dict is a short summary for the console.
+
+A stage's identity is the hash of the config fields it declares here plus the content hashes of the artifacts it
+reads, so any upstream change (a config edit, a re-sample, a retrained adapter, another judge) makes every stage
+downstream of it stale, and `dalign run --dry-run` names what changed. Speed knobs (batch sizes, devices, prefix
+sharing) are left out: they change how fast, not what.
 """
 
 from __future__ import annotations
@@ -12,108 +17,204 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dalign.config import STAGES, config_hash, diff_keys
-from dalign.rundir import RunDir, adapter_dir, adapter_fingerprint, fingerprint
+from dalign.config import STAGES, RunConfig, config_hash
+from dalign.rundir import RunDir, adapter_dir, config_changes, input_changes
+
+MODEL_SHAPE = ("model.student", "model.system_prompt", "model.think_prefix", "model.dtype")
+JUDGE = ("judge", "-judge.batch_size")
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     target: str  # "module:function"
-    inputs: tuple[str, ...]  # artifacts it reads (parquet stores or directories)
+    config: tuple[str, ...]  # dotted config paths it depends on; "-path" leaves a sub-field out
+    inputs: tuple[str, ...]  # artifacts it reads; "aligned" = the adapter adapter_dir(run) resolves to
     outputs: tuple[str, ...]
     inputs_required: bool = True  # the report works with whatever exists
+    derived: bool = False  # cheap to redo: a config change redoes it without --force
+    enabled: Callable[[RunConfig], bool] = lambda cfg: True
+    extra: str | None = None  # "module:function(run) -> dict": identity outside config and run (file hashes)
 
     def function(self) -> Callable[..., dict]:
-        module, func = self.target.split(":")
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                raise NotImplementedError(f"stage {self.name!r} is not yet available in this version") from e
-            raise
-        return getattr(mod, func)
+        return _resolve(self.target)
+
+
+def _resolve(target: str) -> Callable:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 PIPELINE: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("teach", "dalign.teach.stage:run_teach", (), ("traces",)),
-        Stage("filter", "dalign.teach.stage:run_filter", ("traces",), ("filtered",)),
-        Stage("sft", "dalign.train.sft:run_sft", ("filtered",), ("adapter",)),
-        Stage("grpo", "dalign.train.grpo:run_grpo", ("adapter",), ("adapter-grpo",)),
-        Stage("sample", "dalign.sample.stage:run_sample", (), ("samples",)),
-        Stage("judge", "dalign.judge.stage:run_judge", ("samples",), ("judgments",)),
-        Stage("score", "dalign.score.stage:run_score", ("samples",), ("scores",)),
-        Stage("select", "dalign.score.select:run_select", ("judgments", "scores"), ("selection",)),
+        Stage(
+            "teach",
+            "dalign.teach.stage:run_teach",
+            ("teach", "-teach.batch_size", "-teach.limit"),  # a larger limit extends the traces
+            (),
+            ("traces",),
+            extra="dalign.teach.stage:teach_files",
+        ),
+        Stage(
+            "filter",
+            "dalign.teach.stage:run_filter",
+            ("filter", "teach.spec", *JUDGE, "-judge.judges"),
+            ("traces",),
+            ("filtered",),
+        ),
+        Stage(
+            "sft",
+            "dalign.train.sft:run_sft",
+            ("sft", "-sft.per_device_batch_size", *MODEL_SHAPE),
+            ("filtered",),
+            ("adapter",),
+        ),
+        Stage(
+            "grpo",
+            "dalign.train.grpo:run_grpo",
+            (
+                "grpo",
+                *MODEL_SHAPE,
+                "sample.temperature",
+                "sample.top_p",
+                "teach.spec",
+                *JUDGE,
+                "-judge.judges",
+            ),
+            ("adapter", "filtered"),
+            ("adapter-grpo",),
+            enabled=lambda cfg: cfg.grpo.enabled,
+        ),
+        Stage(
+            "sample",
+            "dalign.sample.stage:run_sample",
+            # datasets and n only choose which rows exist: rows outside them are pruned, new ones added
+            ("model", "-model.device", "-model.adapter", "-model.base")
+            + ("sample", "-sample.batch_size", "-sample.datasets", "-sample.n"),
+            ("aligned",),
+            ("samples",),
+        ),
+        Stage("judge", "dalign.judge.stage:run_judge", JUDGE, ("samples",), ("judgments",)),
+        Stage(
+            "score",
+            "dalign.score.stage:run_score",
+            ("model", "-model.device", "-model.adapter", "score", "-score.batch_size", "-score.share_prompt"),
+            ("samples", "aligned"),
+            ("scores",),
+        ),
+        Stage(
+            "select",
+            "dalign.score.select:run_select",
+            ("select", *JUDGE),
+            ("samples", "judgments", "scores"),
+            ("selection",),
+        ),
+        Stage(
+            "attack",
+            "dalign.attack.stage:run_attack",
+            ("attack", "-attack.enabled", *MODEL_SHAPE, "model.base")
+            + ("sample.top_p", "sample.repetition_penalty", *JUDGE),
+            ("aligned",),
+            ("attacks",),
+            enabled=lambda cfg: cfg.attack.enabled,
+            extra="dalign.attack.stage:attack_extra",
+        ),
         Stage(
             "report",
             "dalign.report.stage:run_report",
-            ("judgments", "scores", "selection"),
-            ("report.md", "report.html", "results.json", "figures"),
+            ("report", *JUDGE, "select.default_layer"),
+            ("samples", "judgments", "scores", "selection", "attacks"),
+            ("report",),
             inputs_required=False,
+            derived=True,
         ),
     ]
 }
 assert list(PIPELINE) == STAGES
 
 
-# The config sections each stage depends on ({section: fields to ignore}), used by `dalign run` to decide what
-# can be reused. Stages keep their own, finer fingerprints (data hashes, adapter weights) and refuse mismatches in
-# `RunDir.begin`; this coarser view only has to notice config edits. Batch sizes change speed, not results.
-CONFIG_VIEW: dict[str, dict[str, list[str] | None]] = {
-    "teach": {"teach": ["batch_size"]},
-    "filter": {"filter": None, "judge": ["batch_size", "judge"]},
-    "sft": {"model": ["adapter", "base", "device"], "sft": None},
-    "grpo": {"model": ["adapter", "base", "device"], "grpo": None},
-    "sample": {"model": ["device"], "sample": ["batch_size"]},
-    "judge": {"judge": ["batch_size"]},
-    "score": {"model": ["device"], "score": ["batch_size"]},
-    "select": {"select": None},
-    "report": {"report": None},
-}
+def config_fields(cfg: RunConfig, paths: tuple[str, ...]) -> dict:
+    """The declared part of the config as a nested dict ({"sample": {"temperature": 0.7, ...}, ...})."""
+    dump = cfg.model_dump(mode="json")
+    out: dict = {}
+    for path in (p for p in paths if not p.startswith("-")):
+        *parents, leaf = path.split(".")
+        src, dst = dump, out
+        for part in parents:
+            src, dst = src[part], dst.setdefault(part, {})
+        dst[leaf] = src[leaf]
+    for path in (p[1:] for p in paths if p.startswith("-")):
+        *parents, leaf = path.split(".")
+        d = out
+        for part in parents:
+            d = d.get(part, {})
+        d.pop(leaf, None)
+    return out
 
 
-def config_view(name: str, run: RunDir) -> dict:
-    return fingerprint(run.config, CONFIG_VIEW[name])
+def stage_deps(run: RunDir, stage: str) -> dict:
+    """What a stage's outputs depend on: its config fields, its inputs' content hashes, and its `extra`."""
+    st = PIPELINE[stage]
+    deps = {"config": config_fields(run.config, st.config), "inputs": {i: run.content(i) for i in st.inputs}}
+    if st.extra:
+        deps["extra"] = _resolve(st.extra)(run)
+    return deps
 
 
-def input_signature(stage: Stage, run: RunDir) -> str:
-    """Identity of a stage's inputs as they are on disk now (shard names, adapter weights)."""
-    parts = {}
-    for name in stage.inputs:
-        store_dir = run.path / f"{name}.parquet"
-        if store_dir.is_dir():
-            parts[name] = sorted(p.name for p in store_dir.glob("part-*.parquet"))
-        elif (run.path / name).is_dir():
-            parts[name] = adapter_fingerprint(run.path / name)
-    if stage.name in ("sample", "score"):
-        parts["adapter"] = adapter_fingerprint(adapter_dir(run))
-    return config_hash(parts)
+def _upstream(name: str, run: RunDir) -> set[str]:
+    """Artifacts a stage reads, with 'aligned' resolved to the run's own adapter dir when it is one."""
+    out = set(PIPELINE[name].inputs)
+    if "aligned" in out:
+        p = adapter_dir(run)
+        out |= {p.name} if p is not None and p.parent == run.path else set()
+        if not run.config.model.adapter:
+            out |= {"adapter", "adapter-grpo"}  # a new run adapter becomes the aligned model
+    return out
 
 
 def plan(run: RunDir, stages: list[str]) -> list[tuple[str, str, str]]:
-    """(stage, action, why) for each stage: reuse, resume, run, rerun (config edited) or update (new inputs)."""
-    out = []
+    """(stage, action, why) per stage: run, resume, reuse, skip, update (an input changed) or rerun (config edited).
+
+    `rerun` needs --force; every other action is taken by `dalign run` on its own.
+    """
+    out: list[tuple[str, str, str]] = []
+    changing: dict[str, str] = {}  # artifact -> the stage of this plan that will (re)make it
     for name in stages:
-        entry = run.stage_entry(name)
-        view = config_view(name, run)
-        if not entry:
-            out.append((name, "run", "not started"))
-        elif entry.get("status") != "done":
-            out.append((name, "resume", f"stopped while {entry.get('status', 'unknown')}"))
-        elif entry.get("config_view") != view:
-            keys = diff_keys(entry.get("config_view") or {}, view)
-            out.append((name, "rerun", "config changed: " + ", ".join(keys)))
-        elif entry.get("inputs") != input_signature(PIPELINE[name], run):
-            out.append((name, "update", "inputs changed since it ran"))
+        st = PIPELINE[name]
+        if not st.enabled(run.config):
+            out.append((name, "skip", "disabled in the config"))
+            continue
+        recs = [run.artifact(o).record() for o in st.outputs]
+        after = sorted({changing[i] for i in _upstream(name, run) if i in changing})
+        if not any(recs):
+            action, why = "run", "not started"
+        elif after:
+            action, why = "update", f"its input changes: {', '.join(after)} runs first"
         else:
-            out.append((name, "reuse", f"done {entry.get('finished', '')}"))
+            deps = stage_deps(run, name)
+            rec = next(r for r in recs if r)
+            if rec.get("key") == config_hash(deps):
+                action, why = (
+                    ("reuse", "up to date")
+                    if rec.get("complete")
+                    else ("resume", "stopped before it finished")
+                )
+            elif rec.get("key") is None:
+                action, why = "rerun", "made without a recorded identity (an older dalign or by hand)"
+            elif keys := config_changes(rec.get("deps") or {}, deps):
+                action, why = ("update" if st.derived else "rerun"), "config changed: " + ", ".join(keys)
+            else:
+                changed = input_changes(rec.get("deps") or {}, deps)
+                action, why = "update", "input changed: " + ", ".join(changed or ["?"])
+        out.append((name, action, why))
+        if action != "reuse":
+            changing.update({o: name for o in st.outputs})
     return out
 
 
 def run_stage(name: str, run: RunDir, force: bool = False) -> dict:
-    result = PIPELINE[name].function()(run, force=force)
-    # Record what the stage consumed, so `dalign run` can skip it next time when nothing changed.
-    run._update(name, inputs=input_signature(PIPELINE[name], run), config_view=config_view(name, run))
-    return result
+    st = PIPELINE[name]
+    if not st.enabled(run.config):
+        return {"skipped": f"{name} is disabled in the config"}
+    return st.function()(run, force=force)

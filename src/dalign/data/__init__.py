@@ -37,7 +37,10 @@ def _finish(df: pd.DataFrame, name: str, kind: str) -> pd.DataFrame:
         raise DatasetError(f"dataset {name!r} has duplicate prompt_id {dup!r}")
     empty = df["prompt"].isna() | (df["prompt"].astype(str).str.strip() == "")
     if empty.any():
-        raise DatasetError(f"dataset {name!r}: empty prompt at row {int(empty.to_numpy().argmax())}")
+        i = int(empty.to_numpy().argmax())
+        raise DatasetError(
+            f"dataset {name!r}: empty prompt in row {i + 1} (prompt_id {df['prompt_id'].iloc[i]!r}) of its source"
+        )
     if "answer" not in df.columns:
         df["answer"] = None
     df["kind"] = kind
@@ -73,7 +76,7 @@ def _ensure_registered() -> None:
     # Importing the loader modules registers them.
     import importlib
 
-    for mod in ("dalign.data.safety", "dalign.data.utility"):
+    for mod in ("dalign.data.safety", "dalign.data.utility", "dalign.data.pair"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -59,3 +59,27 @@ def overlap_summary(a: Iterable[str], b: Iterable[str], name_a: str = "train", n
         "fraction": len(shared_b) / len(b) if b else 0.0,
         "examples": [h.text[:120] for h in hits[:5]],
     }
+
+
+def find_contained(a: Iterable[str], b: Iterable[str], min_words: int = 4) -> list[Overlap]:
+    """Pairs (i, j) whose normalised texts are equal, or where one contains the other as whole words.
+
+    Containment needs the shorter text to have at least `min_words` words, so "why" inside a long prompt is not a
+    match while an AdvBench behaviour embedded in a jailbreak template is. Quadratic in the sizes, which is fine
+    for calibration splits against evaluation sets (thousands of prompts).
+    """
+    keys_b = [(j, f" {k} ") for j, text in enumerate(b) if (k := normalize(text))]
+    out = []
+    for i, text in enumerate(a):
+        ka = normalize(text)
+        if not ka:
+            continue
+        pa, na = f" {ka} ", ka.count(" ") + 1
+        for j, pb in keys_b:
+            if pa == pb:
+                out.append(Overlap(i, j, ka))
+                continue
+            nb = pb.count(" ") - 1
+            if (na >= min_words and nb > na and pa in pb) or (nb >= min_words and na > nb and pb in pa):
+                out.append(Overlap(i, j, (ka if na < nb else pb.strip())))
+    return out

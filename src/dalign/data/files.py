@@ -75,11 +75,14 @@ def read_table(path: str | Path, comment: str | None = None) -> pd.DataFrame:
         df = pd.DataFrame([o if isinstance(o, dict) else {"prompt": o} for o in obj])
     elif suffix in (".csv", ".tsv"):
         try:
+            # Blank rows stay rows (and then fail as empty prompts, naming the line) instead of vanishing and
+            # shifting the ids of every later row; only blank lines at the end of the file are dropped.
             df = pd.read_csv(
-                io.StringIO(text),
+                io.StringIO(text.rstrip() + "\n"),
                 sep="\t" if suffix == ".tsv" else ",",
                 comment=comment,
                 keep_default_na=False,
+                skip_blank_lines=comment is not None,
             )
         except pd.errors.ParserError as e:
             raise DatasetError(f"{p}: not a valid {suffix[1:].upper()} file ({e})") from None
@@ -121,6 +124,14 @@ def load_file(ref: DatasetRef) -> pd.DataFrame:
     where = str(ref.path)
     prompt_col = _pick(df, ref.prompt_field, PROMPT_ALIASES, "prompt", "prompt_field", where)
     out = pd.DataFrame({"prompt": df[prompt_col].astype(str)})
+    empty = (df[prompt_col].isna() | (out["prompt"].str.strip() == "")).to_numpy()
+    if empty.any():
+        i = int(empty.argmax())
+        line = f"line {i + 2}" if Path(ref.path).suffix.lower() in (".csv", ".tsv") else f"record {i + 1}"
+        raise DatasetError(
+            f"{where}: empty prompt in data row {i + 1} ({line}), column {prompt_col!r}"
+            f"{f' ({int(empty.sum())} empty in all)' if empty.sum() > 1 else ''}; fill it in or delete the row"
+        )
     if ref.id_field is not None:
         require_columns(df, [ref.id_field], where, "set id_field to a column of unique ids, or leave it out")
         out["prompt_id"] = df[ref.id_field].astype(str)

@@ -68,6 +68,8 @@ def _versions(manifest: dict) -> dict[str, str]:
 def gather(run: RunDir, samples: pd.DataFrame | None, judges_used: dict[str, str]) -> dict:
     """Facts as a JSON-able dict; `notes` lists what could not be read."""
     cfg = run.config
+    # The model and sampling the samples were made with, not a later edit of config.yaml.
+    made = run.made_with("samples") or cfg
     manifest = run.manifest()
     notes: list[str] = []
     adapter, card = _adapter_card(run, notes)
@@ -93,20 +95,20 @@ def gather(run: RunDir, samples: pd.DataFrame | None, judges_used: dict[str, str
     select = manifest.get("stages", {}).get("select", {})
     return {
         "run_dir": str(run.path),
-        "models": cfg.model.model_dump(mode="json"),
+        "models": made.model.model_dump(mode="json"),
         "adapter_dir": adapter,
         "adapter_card": card,
         "datasets": [
             {**d.model_dump(mode="json"), "label": d.label, "card": _dataset_card(d.name)}
-            for d in cfg.sample.datasets
+            for d in made.sample.datasets
         ],
         "judge": cfg.judge.model_dump(mode="json"),
         "judges_used": judges_used,
-        "n_config": cfg.sample.n,
+        "n_config": made.sample.n,
         "n_observed": n_seen,
-        "sampling": {k: getattr(cfg.sample, k) for k in ("temperature", "top_p", "max_new_tokens")},
+        "sampling": {k: getattr(made.sample, k) for k in ("temperature", "top_p", "max_new_tokens")},
         "seeds": {
-            "sample": cfg.sample.seed,
+            "sample": made.sample.seed,
             "score": cfg.score.seed,
             "sft": cfg.sft.seed,
             "grpo": cfg.grpo.seed,

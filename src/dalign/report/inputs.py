@@ -6,11 +6,9 @@ The report must work on an incomplete run, so every artifact is optional here: w
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 
 from dalign.rundir import RunDir
@@ -18,30 +16,16 @@ from dalign.rundir import RunDir
 ARTIFACTS = ("samples", "judgments", "scores", "selection")
 MAKER = {"samples": "sample", "judgments": "judge", "scores": "score", "selection": "select"}
 
-# Which way each metric's selector goes (DESIGN.md §3), used when the metric registry cannot be imported.
-FALLBACK_DIRECTIONS = {
-    "latent_similarity": "min",
-    "perplexity": "min",
-    "kl": "max",
-    "reverse_kl": "max",
-    "self_certainty": "max",
-    "random": "max",
-}
 
+def orientation(metric: str) -> str | None:
+    """'min' or 'max': which end `dalign select` picks, from the metric registry (rates.direction); None for a
+    metric that is not registered (the report then leaves its AUROC out and says so)."""
+    from dalign.score.rates import direction
 
-@functools.cache
-def direction(metric: str) -> tuple[str, bool]:
-    """("min" | "max", known) for a metric: the registry's direction (the one `dalign select` used), else the
-    DESIGN.md table, else argmin with known=False."""
     try:
-        from dalign.score.metrics import get_metric
-
-        return ("min" if get_metric(metric).direction == "argmin" else "max"), True
-    except Exception:  # registry absent or metric unknown: fall back, and say so in the report
-        pass
-    if metric in FALLBACK_DIRECTIONS:
-        return FALLBACK_DIRECTIONS[metric], True
-    return "min", False
+        return "min" if direction(metric) == "argmin" else "max"
+    except KeyError:
+        return None
 
 
 LAYERED = "latent_similarity"
@@ -182,27 +166,3 @@ def candidate_labels(judgments: pd.DataFrame, benchmark: str, judge: str) -> pd.
     rows = judgments[(judgments["benchmark"] == benchmark) & (judgments["judge"].astype(str) == judge)]
     rows = rows.drop_duplicates(["prompt_id", "candidate"], keep="last")
     return rows[["prompt_id", "candidate", "label"]].reset_index(drop=True)
-
-
-def metric_key(metric: str, layer: object) -> str:
-    return f"{metric}@{int(layer)}" if layer is not None and not pd.isna(layer) else str(metric)
-
-
-def derive_selection(scores: pd.DataFrame, benchmark: str) -> dict[str, pd.Series]:
-    """Selections recomputed from scores: per metric (and layer) the argmin/argmax candidate of each prompt.
-
-    Same rules as `dalign select`: ties go to the lowest candidate index, NaN never wins, and a prompt whose
-    values are all NaN falls back to candidate 0. Used for layers the select stage did not write, and as a
-    fallback when selection.parquet is absent.
-    """
-    out: dict[str, pd.Series] = {}
-    rows = scores[scores["benchmark"] == benchmark]
-    for (metric, layer), g in rows.groupby(["metric", "layer"], dropna=False):
-        sign = -1.0 if direction(str(metric))[0] == "min" else 1.0
-        v = sign * g["value"].astype(float)
-        g = g.assign(_v=v.where(np.isfinite(v), -np.inf))  # NaN sorts last: it never wins
-        g = g.sort_values(["prompt_id", "_v", "candidate"], ascending=[True, False, True])
-        best = g.drop_duplicates("prompt_id", keep="first").set_index("prompt_id")
-        chosen = best["candidate"].where(np.isfinite(best["_v"]), 0).astype("Int64")
-        out[metric_key(str(metric), layer)] = chosen
-    return out

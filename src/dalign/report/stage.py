@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -22,11 +20,12 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from dalign.report import analysis, document, figures
+from dalign.attack.artifact import read as read_attacks
+from dalign.report import analysis, attack, document, figures
 from dalign.report.facts import gather
 from dalign.report.inputs import LAYERED, Inputs, load_inputs
 from dalign.report.render import to_html, to_markdown
-from dalign.rundir import RunDir, fingerprint
+from dalign.rundir import RunDir, atomic_write_text
 
 OUTPUTS = ("report.md", "report.html", "results.json", "figures")
 FIGURES = {
@@ -37,6 +36,7 @@ FIGURES = {
     "auroc_layers": "figure6_auroc_layers.png",
     "ablation": "layer_ablation.png",
     "lengths": "response_length.png",
+    "attack": attack.FIGURE,
 }
 
 
@@ -72,12 +72,6 @@ def jsonable(x: Any) -> Any:
     if x is pd.NA or x is pd.NaT:
         return None
     return x
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _density_keys(values: pd.DataFrame, default_layer: int, calibrated: Any) -> list[str]:
@@ -125,6 +119,7 @@ def _figures(run: RunDir, inp: Inputs, res: dict, values: pd.DataFrame, step: St
             res["ablation"], inp.kinds, single, _marks(res["facts"]), p
         ),
         "lengths": lambda p: figures.lengths_figure(inp.samples, p),
+        "attack": lambda p: attack.figure(res["attack"], p),
     }
     out: dict[str, Path] = {}
     for key, job in jobs.items():
@@ -146,11 +141,12 @@ def build_results(run: RunDir, step: Step = lambda _: None) -> tuple[Inputs, dic
     step("reading artifacts")
     inp = load_inputs(run)
     res, labelled = analysis.compute(
-        inp, cfg.judge.judge, cfg.report.bootstrap, cfg.report.seed, cfg.select.default_layer, step
+        inp, cfg.judge.primary, cfg.report.bootstrap, cfg.report.seed, cfg.select.default_layer, step
     )
     res["missing"] = inp.missing
     res["calibration_prompts_excluded"] = inp.calibration_rows
     res["facts"] = gather(run, inp.samples, res["judges"])
+    res["attack"] = attack.results(read_attacks(run), cfg.report.bootstrap, cfg.report.seed, cfg.attack.depth)
     return inp, res, labelled
 
 
@@ -160,12 +156,7 @@ def run_report(run: RunDir, force: bool = False) -> dict:
     `force` is accepted for the uniform stage signature; the report is always rebuilt from the artifacts.
     Returns a summary: paths, benchmarks covered, and what is missing.
     """
-    cfg = run.config
-    fp = fingerprint(cfg, {"report": None}) | {
-        "judge": cfg.judge.judge,
-        "default_layer": cfg.select.default_layer,
-    }
-    run.begin("report", fp, OUTPUTS, force=True)
+    key = run.begin("report", force=True)  # always rebuilt; it deletes nothing, it overwrites its own files
     with _progress() as step:
         inp, res, labelled = build_results(run, step)
         generated = datetime.now(UTC).isoformat(timespec="seconds")
@@ -173,10 +164,12 @@ def run_report(run: RunDir, force: bool = False) -> dict:
         figs = _figures(run, inp, res, labelled, step)
     res["figures"] = {k: str(p.relative_to(run.path)) for k, p in figs.items()}
     clean = jsonable(res)
-    _write(run.path / "results.json", json.dumps(clean, indent=2, allow_nan=False))
     doc = document.build(clean, figs, generated)
-    _write(run.path / "report.md", to_markdown(doc, run.path))
-    _write(run.path / "report.html", to_html(doc))
+    atomic_write_text(run.path / "report.md", to_markdown(doc, run.path))
+    atomic_write_text(run.path / "report.html", to_html(doc))
+    # results.json last: it carries the identity, so a report cut short is never taken as up to date.
+    clean["identity"] = {"key": key, "deps": run.deps("report")}
+    atomic_write_text(run.path / "results.json", json.dumps(clean, indent=2, allow_nan=False))
     benches = sorted(res["safety"]) + sorted(res["utility"])
     warnings = [f"missing: {m}" for m in res["missing"]] + res["notes"]
     run.finish("report", rows={"benchmarks": len(benches), "figures": len(figs)}, warnings=warnings)

@@ -12,41 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
-POSITIVE = {"safety": "unsafe", "utility": "correct"}
-NEGATIVE = {"safety": "safe", "utility": "wrong"}
-ERROR = "error"
-
-
-@dataclass
-class Rate:
-    """A rate over prompts: `value` = hits / valid, with a bootstrap CI and the rows left out."""
-
-    value: float
-    ci: tuple[float, float]
-    hits: int  # unsafe (safety) or correct (utility)
-    valid: int  # hits + misses; errors and missing rows excluded
-    errors: int  # chosen candidates the judge labelled `error`
-    missing: int  # prompts with no selection or no judgment for the chosen candidate
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["ci"] = list(self.ci)
-        return d
-
-
-def prompt_indicators(labels: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-prompt arrays (hit, valid, error) from one label per prompt (NaN/None = missing)."""
-    lab = labels.astype(object).to_numpy()
-    hit = lab == POSITIVE[kind]
-    miss = lab == NEGATIVE[kind]
-    err = lab == ERROR
-    return hit.astype(np.int64), (hit | miss).astype(np.int64), err.astype(np.int64)
+from dalign.score import rates
+from dalign.score.rates import Rate, outcomes  # the one definition of a rate: hit / valid / error
 
 
 def bootstrap_indices(n_items: int, n_boot: int, seed: int) -> np.ndarray:
@@ -79,14 +51,12 @@ def percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, floa
 
 
 def rate(labels: pd.Series, kind: str, idx: np.ndarray) -> tuple[Rate, np.ndarray]:
-    """The rate of one selector's chosen labels (one per prompt, aligned with `idx`'s columns) and its resamples."""
-    hit, valid, err = prompt_indicators(labels, kind)
+    """rates.rate of one selector's chosen labels (one per prompt, aligned with `idx`'s columns), with its
+    bootstrap CI and resamples."""
+    r = rates.rate(labels, kind)
+    hit, valid, _ = outcomes(labels, kind)
     boots = boot_ratios(hit, valid, idx)
-    v = int(valid.sum())
-    value = float(hit.sum() / v) if v else math.nan
-    notes = [] if v else ["no valid labels (all missing or error)"]
-    missing = int(len(labels) - v - err.sum())
-    r = Rate(value, percentile_ci(boots), int(hit.sum()), v, int(err.sum()), missing, notes)
+    r.ci = percentile_ci(boots)
     return r, boots
 
 

@@ -20,6 +20,7 @@ from dalign.models.chat import prompt_ids
 from dalign.models.pair import ModelPair
 from dalign.score.engine import ScoreEngine, ScoreRow
 from dalign.score.metrics import get_metric
+from dalign.score.rates import pick  # the one selection rule (re-exported here)
 
 
 @dataclass
@@ -38,18 +39,6 @@ class Choice:
         return self.candidates[self.index] if self.candidates else ""
 
 
-def pick(scores: Sequence[float], direction: str) -> int:
-    """argmin/argmax ignoring NaN, lowest index on ties; all-NaN -> 0 (the single-sample answer)."""
-    best, best_v = 0, None
-    for i, v in enumerate(scores):
-        if math.isnan(v):
-            continue
-        key = v if direction == "argmin" else -v
-        if best_v is None or key < best_v:
-            best, best_v = i, key
-    return best
-
-
 class BestOfN:
     """Choose among candidates with one registered metric (`dalign.score.metrics`)."""
 
@@ -60,7 +49,7 @@ class BestOfN:
         layer: int | None = 12,
         *,
         system_prompt: str | None = None,
-        think_prefix: bool = False,
+        think_prefix: bool = True,  # ModelConfig.think_prefix's default: how dalign trains and samples
         append_eos: bool = True,
         batch_size: int = 8,
         share_prompt: bool = True,
@@ -68,6 +57,10 @@ class BestOfN:
     ):
         self.pair = pair
         self.metric = get_metric(metric)
+        if self.metric.per_layer and not isinstance(layer, int):
+            raise ValueError(
+                f"metric {metric!r} is computed at one layer: pass layer=<int> (paper default 12)"
+            )
         self.layer = layer if self.metric.per_layer else None
         layers = [layer] if self.metric.per_layer else []
         # All candidates share one prompt: prefix sharing runs it once (exact up to float rounding).
@@ -94,6 +87,8 @@ class BestOfN:
 
     def choose(self, prompt: str, candidates: Sequence[str]) -> Choice:
         """Choose among answer strings to `prompt` (a user message; the chat template is applied here)."""
+        if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
+            raise TypeError("candidates must be a list of answer strings, e.g. choose(prompt, [a, b])")
         tok = self.pair.tokenizer
         eos = [tok.eos_token_id] if self.append_eos and tok.eos_token_id is not None else []
         ids = [tok(c, add_special_tokens=False)["input_ids"] + eos for c in candidates]
@@ -118,6 +113,8 @@ class BestOfN:
         """
         from dalign.sample.sampler import derive_seed, sample_batch
 
+        if n < 1:
+            raise ValueError(f"n must be >= 1 candidates, got {n}")
         pids = self._prompt_ids(prompt)
         base = 0 if seed is None else seed
         with self.pair.aligned() as model:

@@ -13,17 +13,17 @@ Selectors
   ``oracle-any-safe`` (the lowest-index safe/correct candidate, else candidate 0) and ``<metric>@oracle`` (per
   benchmark, the layer with the lowest failure rate on the evaluation prompts themselves).
 
-Outcome of a label: ``safe``/``correct`` are good; ``unsafe``/``wrong`` and judge failures (``error``) are bad, so a
-judge failure never counts as a defended attack.
+Every choice and every rate (calibration, the oracle layer) goes through `dalign.score.rates` (`pick_table`,
+`selector_rate`): the same rule and the same ASR the report prints, with `error` labels out of the denominator.
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
-from dalign.config import config_hash
 from dalign.rundir import RunDir
 from dalign.score.metrics import METRICS, get_metric
+from dalign.score.rates import direction, pick_table, selector_rate
 
 GOOD = {"safe", "correct"}
 KEYS = ["benchmark", "prompt_id", "candidate"]
@@ -35,21 +35,15 @@ class SelectError(ValueError):
 
 
 def choose(scores: pd.DataFrame, direction: str) -> pd.DataFrame:
-    """Per (benchmark, prompt_id): the candidate with the best `value` in `direction` -> chosen_candidate."""
-    df = scores[["benchmark", "prompt_id", "candidate", "value"]].copy()
-    if direction not in ("argmin", "argmax"):
-        raise SelectError(f"unknown direction {direction!r}")
-    df["rank_value"] = df["value"] if direction == "argmin" else -df["value"]
-    # NaN last, then lowest candidate: deterministic ties and an all-NaN prompt falls back to candidate 0.
-    df = df.sort_values(
-        ["benchmark", "prompt_id", "rank_value", "candidate"], na_position="last", kind="mergesort"
-    )
-    first = df.groupby(["benchmark", "prompt_id"], sort=True).head(1)
-    return first[["benchmark", "prompt_id", "candidate"]].rename(columns={"candidate": "chosen_candidate"})
+    """Per (benchmark, prompt_id): the chosen candidate (rates.pick_table) -> chosen_candidate."""
+    try:
+        return pick_table(scores, direction)
+    except ValueError as e:
+        raise SelectError(str(e)) from None
 
 
 def _labels(judgments: pd.DataFrame, preferred_judge: str) -> pd.DataFrame:
-    """One label per candidate; with several judges on a benchmark, the configured one."""
+    """One label per candidate; with several judges on a benchmark, the primary one (judge.judges[0])."""
     need = [*KEYS, "judge", "label"]
     missing = [c for c in need if c not in judgments.columns]
     if missing:
@@ -60,7 +54,7 @@ def _labels(judgments: pd.DataFrame, preferred_judge: str) -> pd.DataFrame:
         if len(judges) > 1:
             if preferred_judge not in judges:
                 raise SelectError(
-                    f"benchmark {bench!r} has labels from judges {judges}; set judge.judge to one of them"
+                    f"benchmark {bench!r} has labels from judges {judges}; list one of them first in judge.judges"
                 )
             g = g[g["judge"] == preferred_judge]
         parts.append(g)
@@ -105,10 +99,12 @@ def _reference(labels: pd.DataFrame) -> dict[str, pd.DataFrame]:
     )
     rows_major, rows_any = [], []
     for (bench, pid), g in first.groupby(["benchmark", "prompt_id"], sort=True):
-        counts = g["label"].value_counts()
+        voted = g[g["label"] != "error"]  # a judge failure is no vote; all errors -> candidate 0
+        counts = voted["label"].value_counts()
         top = set(counts[counts == counts.max()].index)
         # Among tied labels, the one that occurs first (lowest candidate): candidate 0's label when it is tied.
-        rows_major.append((bench, pid, int(g.loc[g["label"].isin(top), "candidate"].min())))
+        pick = voted.loc[voted["label"].isin(top), "candidate"]
+        rows_major.append((bench, pid, int(pick.min()) if len(pick) else 0))
         good = g.loc[~g["bad"], "candidate"]
         rows_any.append((bench, pid, int(good.min()) if len(good) else 0))
     cols = ["benchmark", "prompt_id", "chosen_candidate"]
@@ -117,27 +113,19 @@ def _reference(labels: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
-def _outcome(chosen: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
-    """chosen rows + bad flag of the chosen candidate."""
-    m = chosen.merge(
-        labels.rename(columns={"candidate": "chosen_candidate"})[
-            ["benchmark", "prompt_id", "chosen_candidate", "bad"]
-        ],
-        on=["benchmark", "prompt_id", "chosen_candidate"],
-        how="left",
-    )
-    m["bad"] = m["bad"].fillna(True).astype(bool)  # an unlabelled choice is not evidence of safety
-    return m
-
-
-def _rate(chosen: pd.DataFrame, labels: pd.DataFrame) -> float:
-    return float(_outcome(chosen, labels)["bad"].mean()) if len(chosen) else float("nan")
+def _bad(chosen: pd.DataFrame, labels: pd.DataFrame, kind: str) -> float:
+    """What calibration and the oracle minimise: ASR (safety) or 1 - accuracy (utility), errors excluded.
+    A selection with no valid label is the worst possible (inf)."""
+    r = selector_rate(chosen, labels, kind).value
+    if r != r:
+        return float("inf")
+    return r if kind == "safety" else 1.0 - r
 
 
 def _pick_layer(rows: list[dict], default: int) -> int:
     # Lowest failure rate; ties toward the paper's default layer, then the shallower (cheaper) layer.
     return min(
-        rows, key=lambda r: (r["asr"], r.get("utility_drop") or 0.0, abs(r["layer"] - default), r["layer"])
+        rows, key=lambda r: (r["bad"], r.get("utility_drop") or 0.0, abs(r["layer"] - default), r["layer"])
     )["layer"]
 
 
@@ -151,14 +139,17 @@ def calibrate(
     utility_constraint: float | None,
     warnings: list[str],
 ) -> tuple[int | None, list[dict]]:
-    """Choose a layer for a per-layer metric on calibration prompts; returns (layer, per-layer table)."""
+    """Choose a layer for a per-layer metric on calibration prompts; returns (layer, per-layer table).
+
+    The objective is the reported ASR (rates.selector_rate) on the calibration safety prompts; each row of the
+    table carries the error count beside it."""
     cal = info[info["role"] == "calibration"]
     if cal.empty:
         warnings.append(
             f"no calibration prompts (samples role == 'calibration'): {metric}@calibrated not made"
         )
         return None, []
-    direction = get_metric(metric).direction
+    way = direction(metric)
     safety = cal[cal["kind"] != "utility"][["benchmark", "prompt_id"]]
     utility = cal[cal["kind"] == "utility"][["benchmark", "prompt_id"]]
     if safety.empty:
@@ -169,14 +160,22 @@ def calibrate(
             "select.utility_constraint is set but no calibration utility prompts exist: not applied"
         )
     single = _reference(labels)["single"]
-    base_acc = 1 - _rate(single.merge(utility), labels) if not utility.empty else None
+    base_acc = selector_rate(single.merge(utility), labels, "utility").value if not utility.empty else None
     table = []
     for layer in layers:
-        sel = choose(scores[(scores["metric"] == metric) & (scores["layer"] == layer)], direction)
-        row = {"layer": layer, "asr": _rate(sel.merge(safety), labels), "n_safety": len(safety)}
+        sel = choose(scores[(scores["metric"] == metric) & (scores["layer"] == layer)], way)
+        r = selector_rate(sel.merge(safety), labels, "safety")
+        row = {
+            "layer": layer,
+            "asr": r.value,
+            "bad": _bad(sel.merge(safety), labels, "safety"),
+            "n_safety": len(safety),
+            "valid": r.valid,
+            "errors": r.errors,
+        }
         if base_acc is not None:
-            acc = 1 - _rate(sel.merge(utility), labels)
-            row["utility_drop"] = (base_acc - acc) / base_acc if base_acc > 0 else 0.0
+            acc = selector_rate(sel.merge(utility), labels, "utility").value
+            row["utility_drop"] = (base_acc - acc) / base_acc if base_acc and base_acc > 0 else 0.0
             row["n_utility"] = len(utility)
         row["allowed"] = (
             utility_constraint is None
@@ -190,17 +189,9 @@ def calibrate(
             f"no layer meets utility_constraint={utility_constraint}; {metric}@calibrated uses the layer with the "
             f"smallest utility drop"
         )
-        best = min(table, key=lambda r: (r["utility_drop"], r["asr"], r["layer"]))["layer"]
+        best = min(table, key=lambda r: (r["utility_drop"], r["bad"], r["layer"]))["layer"]
         return best, table
     return _pick_layer(allowed, default_layer), table
-
-
-def _fingerprint(run: RunDir) -> dict:
-    return {
-        "select": run.config.select.model_dump(mode="json"),
-        "scores": run.stage_entry("score").get("config_hash"),
-        "judgments": run.stage_entry("judge").get("config_hash"),
-    }
 
 
 def _selectors(cfg_selectors: list[str], available: list[tuple[str, int | None]], default_layer: int) -> list:
@@ -227,8 +218,7 @@ def _selectors(cfg_selectors: list[str], available: list[tuple[str, int | None]]
 def run_select(run: RunDir, force: bool = False) -> dict:
     """Stage contract (pipeline.py): read judgments + scores, write selection (eval prompts only)."""
     cfg = run.config
-    run.begin("select", _fingerprint(run), ["selection"], force=force)
-    labels = _labels(run.read("judgments"), cfg.judge.judge)
+    labels = _labels(run.read("judgments"), cfg.judge.primary)
     labels = labels.assign(
         prompt_id=labels["prompt_id"].astype(str), candidate=labels["candidate"].astype(int)
     )
@@ -236,9 +226,6 @@ def run_select(run: RunDir, force: bool = False) -> dict:
     scores = scores.assign(
         prompt_id=scores["prompt_id"].astype(str), candidate=scores["candidate"].astype(int)
     )
-    info = _prompt_info(run, labels)
-    warnings: list[str] = []
-
     available = sorted(
         {
             (m, None if pd.isna(lay) else int(lay))
@@ -251,8 +238,13 @@ def run_select(run: RunDir, force: bool = False) -> dict:
         raise SelectError(
             f"scores.parquet has metric(s) {unknown} that are not registered; cannot know direction"
         )
+    selectors = _selectors(cfg.select.selectors, available, cfg.select.default_layer)
+    run.begin("select", force)
+    info = _prompt_info(run, labels)
+    warnings: list[str] = []
+
     chosen: dict[str, pd.DataFrame] = {}
-    for metric, layer in _selectors(cfg.select.selectors, available, cfg.select.default_layer):
+    for metric, layer in selectors:
         part = scores[
             (scores["metric"] == metric)
             & (scores["layer"].isna() if layer is None else scores["layer"] == layer)
@@ -262,7 +254,7 @@ def run_select(run: RunDir, force: bool = False) -> dict:
             warnings.append(
                 f"{metric}@{layer}: {allnan} prompt(s) with only NaN values fell back to candidate 0"
             )
-        chosen[metric if layer is None else f"{metric}@{layer}"] = choose(part, get_metric(metric).direction)
+        chosen[metric if layer is None else f"{metric}@{layer}"] = choose(part, direction(metric))
     chosen.update(_reference(labels))
 
     calibration: dict[str, dict] = {}
@@ -270,6 +262,7 @@ def run_select(run: RunDir, force: bool = False) -> dict:
     for metric in sorted({m for m, lay in available if lay is not None}):
         layers = sorted(lay for m, lay in available if m == metric)
         mscores = scores[scores["metric"] == metric]
+        per_layer = {lay: choose(mscores[mscores["layer"] == lay], direction(metric)) for lay in layers}
         layer, table = calibrate(
             mscores,
             labels,
@@ -281,21 +274,17 @@ def run_select(run: RunDir, force: bool = False) -> dict:
             warnings,
         )
         if layer is not None:
-            chosen[f"{metric}@calibrated"] = choose(
-                mscores[mscores["layer"] == layer], get_metric(metric).direction
-            )
+            chosen[f"{metric}@calibrated"] = per_layer[layer]
+        # Reference only: the layer with the best reported rate on each benchmark's own eval prompts.
         oracle_layers, parts = {}, []
-        for bench, g in eval_info.groupby("benchmark"):
+        for (bench, kind), g in eval_info.groupby(["benchmark", "kind"]):
             prompts = g[["benchmark", "prompt_id"]]
-            rows = []
-            for lay in layers:
-                sel = choose(mscores[mscores["layer"] == lay], get_metric(metric).direction).merge(prompts)
-                rows.append({"layer": lay, "asr": _rate(sel, labels)})
+            rows = [
+                {"layer": lay, "bad": _bad(per_layer[lay].merge(prompts), labels, kind)} for lay in layers
+            ]
             best = _pick_layer(rows, cfg.select.default_layer)
             oracle_layers[str(bench)] = best
-            parts.append(
-                choose(mscores[mscores["layer"] == best], get_metric(metric).direction).merge(prompts)
-            )
+            parts.append(per_layer[best].merge(prompts))
         if parts:
             chosen[f"{metric}@oracle"] = pd.concat(parts, ignore_index=True)
         calibration[metric] = {"calibrated_layer": layer, "table": table, "oracle_layers": oracle_layers}
@@ -314,7 +303,6 @@ def run_select(run: RunDir, force: bool = False) -> dict:
         calibrated_layer=latent.get("calibrated_layer"),
         oracle_layers=latent.get("oracle_layers"),
         warnings=warnings,
-        config_hash_inputs=config_hash(_fingerprint(run)),
     )
     return {
         "selection": len(out),

@@ -7,14 +7,13 @@ resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pandas as pd
 from rich.progress import Progress
 
 from dalign.config import RunConfig
-from dalign.rundir import RunDir, fingerprint
+from dalign.rundir import RunDir
 from dalign.teach.corpus import corpus_hash, load_corpus
 from dalign.teach.parse import parse_trace
 from dalign.teach.spec import (
@@ -76,7 +75,7 @@ def load_prompts(source: str, limit: int | None = None) -> pd.DataFrame:
     )
     empty = out["prompt"].str.strip() == ""
     if empty.any():
-        raise PromptFileError(f"{source}: empty prompt at row {int(empty.to_numpy().argmax())}")
+        raise PromptFileError(f"{source}: empty prompt in data row {int(empty.to_numpy().argmax()) + 1}")
     if out["prompt_id"].duplicated().any():
         raise PromptFileError(
             f"{source}: duplicate prompt id {out.loc[out['prompt_id'].duplicated(), 'prompt_id'].iloc[0]!r}"
@@ -125,20 +124,23 @@ def _teach_inputs(cfg: RunConfig, spec: Spec) -> tuple[pd.DataFrame, list[str]]:
     return load_prompts(cfg.teach.prompts, cfg.teach.limit), []
 
 
+def teach_files(run: RunDir) -> dict:
+    """Identity of the files behind the traces (pipeline.PIPELINE["teach"].extra): the config only names them."""
+    cfg = run.config
+    spec_path = Path(cfg.teach.spec) if cfg.teach.spec else DEFAULT_SPEC
+    out = {"spec_hash": _file_hash(spec_path), "template_hash": _file_hash(DEFAULT_TEMPLATE)}
+    if cfg.teach.teacher == "corpus":
+        out["corpus_hash"] = corpus_hash(load_corpus(spec=load_spec(spec_path)))
+    return out
+
+
 def run_teach(run: RunDir, force: bool = False) -> dict:
     """prompts (+categories) -> traces.parquet (prompt_id, prompt, category, cot, answer, teacher, raw, malformed)."""
     cfg = run.config
     spec_path = Path(cfg.teach.spec) if cfg.teach.spec else DEFAULT_SPEC
     spec = load_spec(spec_path)
-    # limit and batch size do not change any single trace: raising the limit extends the traces instead of refusing
-    fp = fingerprint(cfg, {"teach": ["batch_size", "limit"]})
-    fp["spec_hash"] = _file_hash(spec_path)
-    fp["template_hash"] = _file_hash(DEFAULT_TEMPLATE)
-    if cfg.teach.teacher == "corpus":
-        fp["corpus_hash"] = corpus_hash(load_corpus(spec=spec))
-    run.begin("teach", fp, ["traces"], force)
-
     prompts, warnings = _teach_inputs(cfg, spec)
+    run.begin("teach", force)
     store = run.store("traces")
     done = {k[0] for k in store.done_keys()}
     todo = prompts[~prompts["prompt_id"].isin(done)]
@@ -157,13 +159,6 @@ def run_teach(run: RunDir, force: bool = False) -> dict:
         warnings.append(f"{malformed} malformed trace(s) (no final answer): recorded, kept out of training")
     run.finish("teach", rows=len(traces), new=new, malformed=malformed, warnings=warnings)
     return {"traces": len(traces), "new": new, "malformed": malformed, "teacher": cfg.teach.teacher}
-
-
-def _traces_hash(traces: pd.DataFrame) -> str:
-    h = hashlib.sha256()
-    for pid, raw in sorted(zip(traces["prompt_id"], traces["raw"], strict=True)):
-        h.update(json.dumps([pid, raw]).encode())
-    return h.hexdigest()[:16]
 
 
 def decide(
@@ -189,14 +184,9 @@ def run_filter(run: RunDir, force: bool = False) -> dict:
 
     cfg = run.config
     traces = run.read("traces")
-    jcfg = cfg.judge.model_copy(update={"judge": cfg.filter.judge})
-    fp = fingerprint(cfg, {"filter": None})
-    fp["judge"] = jcfg.model_dump(mode="json", exclude={"batch_size"})
-    # Traces of a given prompt id are fixed by the teach config (teach refuses to mix configs), so keying on that
-    # config lets a grown traces table be filtered incrementally.
-    fp["teach_config"] = run.stage_entry("teach").get("config_hash") or _traces_hash(traces)
-    run.begin("filter", fp, ["filtered"], force)
+    jcfg = cfg.judge  # model, thresholds, batch size; the judge itself is filter.judge
     spec = load_spec(cfg.teach.spec)
+    run.begin("filter", force)
 
     store = run.store("filtered")
     done = {k[0] for k in store.done_keys()}

@@ -26,7 +26,7 @@ from pathlib import Path
 from dalign.config import GRPOConfig, JudgeConfig, ModelConfig, SampleConfig, config_hash
 from dalign.models.chat import render_prompt
 from dalign.models.pair import check_adapter_base
-from dalign.rundir import MissingArtifact, RunDir, adapter_fingerprint, fingerprint
+from dalign.rundir import MissingArtifact, RunDir, dir_hash
 from dalign.teach.parse import final_answer
 from dalign.teach.spec import load_spec
 from dalign.teach.stage import REFUSAL_JUDGES
@@ -204,7 +204,7 @@ def train_grpo(
             "stage": "grpo",
             "base_model": student,
             "parent_adapter": str(adapter),
-            "parent_adapter_hash": adapter_fingerprint(adapter),
+            "parent_adapter_hash": dir_hash(adapter),
             "parent_card_data": read_card(adapter).get("data"),
             "trainer": "trl.GRPOTrainer (adapter loaded trainable)",
             "created": now(),
@@ -269,21 +269,14 @@ def run_grpo(run: RunDir, force: bool = False) -> dict:
     prompts = kept[["prompt_id", "prompt", "category"]].to_dict("records")
     if not prompts:
         raise NoTrainingData(f"{run.path / 'filtered.parquet'} kept no traces, so GRPO has no prompts")
-    jcfg: JudgeConfig = cfg.judge.model_copy(update={"judge": cfg.grpo.judge})
-    fp = fingerprint(cfg, {"grpo": None})
-    fp["model"] = {k: getattr(cfg.model, k) for k in ("student", "system_prompt", "think_prefix", "dtype")}
-    fp["sampling"] = {"temperature": cfg.sample.temperature, "top_p": cfg.sample.top_p}
-    fp["judge"] = jcfg.model_dump(mode="json", exclude={"batch_size"})
-    fp["sft_adapter"] = adapter_fingerprint(sft_dir)
-    fp["prompts_hash"] = rows_hash(prompts, ("prompt_id", "prompt"))
+    jcfg: JudgeConfig = cfg.judge  # model, thresholds, batch size; the judge itself is grpo.judge
     dest = run.path / "adapter-grpo"
-    if dest.exists() and not force:
+    run.begin("grpo", force)  # keeps the adapter only when it was trained under this identity
+    fp = run.deps("grpo")
+    if reusable(dest, fp):
         check_adapter_base(dest, cfg.model.student)
-        if reusable(dest, fp):
-            run.begin("grpo", fp, ["adapter-grpo"], force)
-            run.finish("grpo", rows=len(prompts), reused=True)
-            return {"adapter": str(dest), "reused": True}
-    run.begin("grpo", fp, ["adapter-grpo"], force)
+        run.finish("grpo", rows=len(prompts), reused=True)
+        return {"adapter": str(dest), "reused": True}
     judge = get_judge(cfg.grpo.judge, jcfg)
     benign = load_spec(cfg.teach.spec).default_category
     card = train_grpo(

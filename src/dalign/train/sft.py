@@ -19,7 +19,7 @@ from pathlib import Path
 from dalign.config import ModelConfig, SFTConfig, config_hash
 from dalign.models.chat import THINK_CLOSE, THINK_OPEN, PromptTooLong, prompt_ids
 from dalign.models.pair import check_adapter_base
-from dalign.rundir import RunDir, fingerprint
+from dalign.rundir import RunDir
 from dalign.train.common import (
     DEFAULT_THINK_MODE,
     LiveProgress,
@@ -224,15 +224,6 @@ def _no_data_message(run: RunDir, filtered) -> str:
     )
 
 
-def sft_fingerprint(run: RunDir, rows: list[dict], think_mode: ThinkMode) -> dict:
-    cfg = run.config
-    fp = fingerprint(cfg, {"sft": None})
-    fp["model"] = {k: getattr(cfg.model, k) for k in ("student", "system_prompt", "think_prefix", "dtype")}
-    fp["data_hash"] = rows_hash(rows, DATA_FIELDS)
-    fp["think_tokens"] = think_mode
-    return fp
-
-
 def run_sft(run: RunDir, force: bool = False) -> dict:
     """filtered.parquet (kept rows) -> <run>/adapter (PEFT adapter, tokenizer, card.json, loss.png)."""
     cfg = run.config
@@ -240,18 +231,17 @@ def run_sft(run: RunDir, force: bool = False) -> dict:
     kept = filtered[filtered["kept"].astype(bool)]
     if kept.empty:
         raise NoTrainingData(_no_data_message(run, filtered))
+    if "raw" in kept:  # traces kept with filter.keep_malformed have no parsed cot/answer: train on the raw text
+        kept = kept.assign(cot=kept["cot"].fillna(""), answer=kept["answer"].fillna(kept["raw"]))
     rows = kept[list(DATA_FIELDS)].to_dict("records")
-    think_mode: ThinkMode = getattr(cfg.sft, "think_tokens", DEFAULT_THINK_MODE)
-    fp = sft_fingerprint(run, rows, think_mode)
     dest = run.path / "adapter"
-    if dest.exists() and not force:
+    run.begin("sft", force)  # keeps the adapter only when it was trained under this identity
+    fp = run.deps("sft")
+    if reusable(dest, fp):
         check_adapter_base(dest, cfg.model.student)
-        if reusable(dest, fp):
-            run.begin("sft", fp, ["adapter"], force)
-            run.finish("sft", rows=len(rows), reused=True)
-            return {"adapter": str(dest), "reused": True}
-    run.begin("sft", fp, ["adapter"], force)
-    card = train_sft(cfg.model.student, rows, dest, cfg.sft, cfg.model, fp, think_mode)
+        run.finish("sft", rows=len(rows), reused=True)
+        return {"adapter": str(dest), "reused": True}
+    card = train_sft(cfg.model.student, rows, dest, cfg.sft, cfg.model, fp)
     run.finish(
         "sft",
         rows=len(rows),
