@@ -112,6 +112,45 @@ _add_stage_verb(
 )
 _add_stage_verb("select", "Pick one candidate per prompt for every selector; calibrate the latent layer.")
 
+attack_app = typer.Typer(help="Adaptive attacks against the student, with and without the guard.")
+app.add_typer(attack_app, name="attack")
+
+
+@attack_app.command("pair")
+def attack_pair(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    limit: Annotated[int | None, typer.Option(help="Behaviours to attack (attack.behaviours.limit).")] = None,
+    streams: Annotated[int | None, typer.Option(help="Streams per behaviour.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Iterations per stream.")] = None,
+    attacker: Annotated[str | None, typer.Option(help="Attacker: hf:, packaged: or openai:<model>.")] = None,
+    judge_name: Annotated[
+        str | None, typer.Option("--judge", help="Registered judge, or an LLM judge hf:/openai:<model>.")
+    ] = None,
+) -> None:
+    """PAIR (depth 8) against base, aligned and guarded student -> attacks.parquet (resumable); then `dalign report`."""
+    from dalign.attack.stage import run_attack
+
+    extra = list(set_ or [])
+    for key, value in (
+        ("behaviours.limit", limit),
+        ("streams", streams),
+        ("depth", depth),
+        ("attacker", attacker),
+        ("judge", judge_name),
+    ):
+        if value is not None:
+            extra.append(f"attack.{key}={value}")
+    _quiet_libraries()
+    try:
+        run = _open_run(config, run_dir, extra)
+        result = run_attack(run, force=force)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        _fail(e)
+    console.print(f"[green]attack pair[/] done in {run.path}: {result}")
+
 
 @app.command("report")
 def report(

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from dalign.report import attack
 from dalign.report.analysis import is_oracle
 from dalign.report.inputs import LAYERED
 from dalign.report.render import Bullets, Document, Image, Section, Table, Text
@@ -527,6 +528,7 @@ def build(results: dict, figs: dict[str, Path], generated: str) -> Document:
         _rates_section(results, "safety", figs),
         _rates_section(results, "utility", figs),
         _headroom_section(results, figs),
+        *filter(None, [attack.section(results.get("attack", {}), figs)]),
         _auroc_section(results, figs),
         _ablation_section(results, figs),
         _agreement_section(results),

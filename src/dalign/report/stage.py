@@ -146,7 +146,8 @@ def build_results(run: RunDir, step: Step = lambda _: None) -> tuple[Inputs, dic
     res["missing"] = inp.missing
     res["calibration_prompts_excluded"] = inp.calibration_rows
     res["facts"] = gather(run, inp.samples, res["judges"])
-    res["attack"] = attack.results(read_attacks(run), cfg.report.bootstrap, cfg.report.seed, cfg.attack.depth)
+    rep = cfg.report
+    res["attack"] = attack.results(read_attacks(run), rep.bootstrap, rep.seed, cfg.attack.depth)
     return inp, res, labelled
 
 
