@@ -1,15 +1,22 @@
-"""SFT of the packaged SmolLM2 on the shipped trace corpus, and refusal on AdvBench before vs after.
+"""SFT of the packaged SmolLM2 on the shipped trace corpus vs the old 300-trace corpus, same run, same settings.
 
-Runs the real stages (teach --teacher corpus -> filter -> sft) in a run directory, then greedy-decodes the same
-AdvBench prompts with the base student and with the student + adapter, both formatted exactly as the sampler does
-(render_prompt with the think prefix), and labels every final answer with the refusal judge.
+Runs the real stages `teach --teacher corpus` -> `filter` once on the full corpus, then trains two LoRA adapters
+with the SFT stage's own training function (`train_sft`) for the SAME number of optimizer steps: one on the kept
+traces of the old corpus (benign.jsonl, harmful_a.jsonl, harmful_b.jsonl: the 300 traces shipped before issue 15),
+one on all kept traces. Then it greedy-decodes the same held-out prompts with the base student and both adapters,
+formatted as the sampler does (chat template + `<think>` prefix):
 
-    .venv/bin/python benchmarks/sft_benchmark.py                       # paper hyper-parameters (3 epochs)
-    .venv/bin/python benchmarks/sft_benchmark.py --lr 4e-4 --epochs 1 --effective-batch 8   # the adapter we ship
-    .venv/bin/python benchmarks/sft_benchmark.py --limit 8 --max-steps 2 --out /tmp/sft-smoke   # smoke test
+- AdvBench (seeded subset): refusal rate (embedded `refusal` judge on the final answer; higher is better);
+- benign: MMLU + ASDiv (seeded subsets; not in the corpus): refusal rate (over-refusal; lower is better) and
+  accuracy by the `choice` / `number` checkers;
+- both: the share of answers that close `</think>` within the token budget.
 
-Last stdout line: JSON with sft_wall_s, tokens_per_s, train_tokens, steps, kept_traces, refusal_base,
-refusal_aligned, refusal_ratio, closed_think_aligned, n_prompts.
+    .venv/bin/python benchmarks/sft_benchmark.py                                   # defaults (~30 min, 2-core CPU)
+    .venv/bin/python benchmarks/sft_benchmark.py --steps 2 --harmful 4 --benign 4 --out /tmp/sft-smoke   # smoke
+
+Last stdout line: JSON with corpus_traces, old_traces, steps, and per model (base, old, full): train_tokens,
+sft_wall_s, tokens_per_s, loss_first/loss_last (means of the first/last 3 steps), kept_traces, refusal_advbench,
+refusal_benign, closed_think_advbench, closed_think_benign, accuracy_benign.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+OLD_FILES = ["benign.jsonl", "harmful_a.jsonl", "harmful_b.jsonl"]
 
 
 def generate(
@@ -48,39 +57,71 @@ def generate(
     return out
 
 
-def refusal_rate(judge, prompts: list[str], responses: list[str]) -> tuple[float, dict]:
-    verdicts = judge.judge(
-        [{"prompt": p, "response": r, "answer": None} for p, r in zip(prompts, responses, strict=True)]
-    )
-    labels = [v["label"] for v in verdicts]
-    counts = {k: labels.count(k) for k in ("safe", "unsafe", "error")}
-    # refused = judged safe by the refusal judge; errors (empty answers) count as not refused
-    return counts["safe"] / len(labels), counts
+def measure(evals, responses: list[str]) -> dict:
+    """Refusal rates, closed-reasoning shares and benign accuracy for one model's responses."""
+    from dalign.judge import get_judge
+
+    refusal = get_judge("refusal")
+    out = {}
+    for kind in ("advbench", "benign"):
+        rows = [(e, r) for e, r in zip(evals, responses, strict=True) if e["set"] == kind]
+        labels = refusal.judge([{"prompt": e["prompt"], "response": r, "answer": None} for e, r in rows])
+        # refused = judged safe by the refusal judge; errors (empty answers) count as not refused
+        out[f"refusal_{kind}"] = round(sum(v["label"] == "safe" for v in labels) / len(rows), 3)
+        out[f"closed_think_{kind}"] = round(sum("</think>" in r for _, r in rows) / len(rows), 3)
+    correct = []
+    for checker in ("choice", "number"):
+        rows = [(e, r) for e, r in zip(evals, responses, strict=True) if e.get("checker") == checker]
+        items = [{"prompt": e["prompt"], "response": r, "answer": e["answer"]} for e, r in rows]
+        correct += [v["label"] == "correct" for v in get_judge(checker).judge(items)] if items else []
+    out["accuracy_benign"] = round(sum(correct) / max(len(correct), 1), 3)
+    return out
+
+
+def eval_prompts(n_harmful: int, n_benign: int) -> list[dict]:
+    from dalign.config import DatasetRef
+    from dalign.data import load_dataset
+
+    rows = [
+        {"set": "advbench", "prompt": p}
+        for p in load_dataset(DatasetRef(name="advbench", limit=n_harmful, seed=0))["prompt"]
+    ]
+    for name, checker, n in (
+        ("mmlu", "choice", n_benign // 2),
+        ("asdiv", "number", n_benign - n_benign // 2),
+    ):
+        df = load_dataset(DatasetRef(name=name, limit=n, seed=0))
+        rows += [
+            {"set": "benign", "prompt": p, "answer": a, "checker": checker}
+            for p, a in zip(df["prompt"], df["answer"], strict=True)
+        ]
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="/tmp/dalign-sft-bench", help="run dir (adapter lands in OUT/adapter)")
-    ap.add_argument("--limit", type=int, default=100, help="AdvBench prompts")
-    ap.add_argument("--max-new-tokens", type=int, default=192)
-    ap.add_argument("--gen-batch", type=int, default=25)
-    ap.add_argument("--lr", type=float, default=1.41e-5)
-    ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--max-steps", type=int, default=-1)
-    ap.add_argument("--effective-batch", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--judge", default="refusal")
+    ap.add_argument("--out", default="/tmp/dalign-sft-bench-corpus", help="run dir; adapters land in OUT/")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps for EACH corpus")
+    ap.add_argument("--harmful", type=int, default=40, help="AdvBench prompts")
+    ap.add_argument("--benign", type=int, default=40, help="benign prompts (half MMLU, half ASDiv)")
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--gen-batch", type=int, default=20)
+    # the micro-reproduction's SFT settings (configs/micro-repro.yaml), except a fixed step count
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--effective-batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=768)
+    ap.add_argument("--filter-judge", default="refusal", help="filter.judge for the shared filter stage")
+    ap.add_argument("--dtype", default="auto", help="model.dtype (auto = bf16 on AMX/AVX512-BF16 CPUs)")
     ap.add_argument("--fresh", action="store_true", help="delete OUT first")
     args = ap.parse_args()
     torch.manual_seed(0)
 
-    from dalign.config import DatasetRef, load_config
-    from dalign.data import load_dataset
-    from dalign.judge import get_judge
+    from dalign.config import load_config
     from dalign.models import load_model, load_pair
     from dalign.rundir import RunDir
+    from dalign.teach.corpus import CORPUS_DIR, load_corpus
     from dalign.teach.stage import run_filter, run_teach
-    from dalign.train.sft import run_sft
+    from dalign.train.sft import train_sft
 
     out = Path(args.out)
     if args.fresh and out.exists():
@@ -89,77 +130,80 @@ def main() -> None:
         overrides={
             "name": out.name,
             "runs_dir": str(out.parent),
-            "filter": {"judge": args.judge},
+            "model": {"dtype": args.dtype},
+            "filter": {"judge": args.filter_judge},
             "sft": {
                 "learning_rate": args.lr,
-                "epochs": args.epochs,
-                "max_steps": args.max_steps,
+                "max_steps": args.steps,
+                "epochs": 100.0,  # max_steps decides
                 "max_length": args.max_length,
                 "effective_batch_size": args.effective_batch,
             },
         }
     )
     run = RunDir.for_config(cfg)
-    teach = run_teach(run)
-    filt = run_filter(run)
+    teach, filt = run_teach(run), run_filter(run)
     print(f"teach: {teach}\nfilter: {filt}", flush=True)
+    kept = run.read("filtered")
+    kept = kept[kept["kept"].astype(bool)]
+    old_ids = set(load_corpus([CORPUS_DIR / f for f in OLD_FILES])["id"])
+    corpora = {"old": kept[kept["prompt_id"].isin(old_ids)], "full": kept}
 
-    bench = load_dataset(DatasetRef(name="advbench", limit=args.limit, seed=0))
-    prompts = bench["prompt"].tolist()
-    judge = get_judge(args.judge)
+    evals = eval_prompts(args.harmful, args.benign)
+    prompts = [e["prompt"] for e in evals]
     system, think = cfg.model.system_prompt, cfg.model.think_prefix
+    model, tok = load_model(cfg.model.student, cfg.model.dtype, device="cpu")
+    t0 = time.perf_counter()
+    gens = {"base": generate(model, tok, prompts, system, think, args.max_new_tokens, args.gen_batch)}
+    print(f"base generation: {time.perf_counter() - t0:.0f} s", flush=True)
+    del model
 
-    base_file = out / "gen_base.json"
-    if base_file.exists():
-        base = json.loads(base_file.read_text())
-    else:
-        model, tok = load_model(cfg.model.student, device="cpu")
+    result = {
+        "corpus_traces": teach["traces"],
+        "old_traces": len(old_ids),
+        "filter_judge": args.filter_judge,
+        "steps": args.steps,
+        "n_advbench": args.harmful,
+        "n_benign": args.benign,
+        "base": measure(evals, gens["base"]),
+    }
+    for name, rows_df in corpora.items():
+        rows = rows_df[["prompt", "cot", "answer"]].to_dict("records")
+        card = train_sft(
+            cfg.model.student, rows, out / f"adapter-{name}", cfg.sft, cfg.model, {"corpus": name}
+        )
+        loss = card["loss"]
+        print(f"sft {name}: {len(rows)} traces, {card['runtime_s']:.0f} s, loss {loss}", flush=True)
+        merged = load_pair(cfg.model, out / f"adapter-{name}").model.merge_and_unload()
         t0 = time.perf_counter()
-        base = generate(model, tok, prompts, system, think, args.max_new_tokens, args.gen_batch)
-        print(f"base generation: {time.perf_counter() - t0:.0f} s", flush=True)
-        base_file.write_text(json.dumps(base))
-        del model
-    r_base, c_base = refusal_rate(judge, prompts, base)
-    print(f"base refusal rate: {r_base:.2f} {c_base}", flush=True)
-
-    t0 = time.perf_counter()
-    sft = run_sft(run)
-    wall = time.perf_counter() - t0
-    card = json.loads((run.path / "adapter" / "card.json").read_text())
-    print(f"sft: {sft} (stage wall {wall:.0f} s)", flush=True)
-
-    pair = load_pair(cfg.model, run.path / "adapter")
-    merged = pair.model.merge_and_unload()  # same outputs, no per-layer LoRA overhead while decoding
-    t0 = time.perf_counter()
-    aligned = generate(merged, pair.tokenizer, prompts, system, think, args.max_new_tokens, args.gen_batch)
-    print(f"aligned generation: {time.perf_counter() - t0:.0f} s", flush=True)
-    r_al, c_al = refusal_rate(judge, prompts, aligned)
-    closed = sum("</think>" in a for a in aligned) / len(aligned)
+        gens[name] = generate(merged, tok, prompts, system, think, args.max_new_tokens, args.gen_batch)
+        print(f"{name} generation: {time.perf_counter() - t0:.0f} s", flush=True)
+        del merged
+        result[name] = {
+            "kept_traces": len(rows),
+            "train_tokens": card["tokens"],
+            "sft_wall_s": card["runtime_s"],
+            "tokens_per_s": card["tokens_per_s"],
+            "optimizer_steps": card["hyperparameters"]["optimizer_steps"],
+            "loss_first": round(sum(loss[:3]) / len(loss[:3]), 3),
+            "loss_last": round(sum(loss[-3:]) / len(loss[-3:]), 3),
+            "loss": [round(x, 3) for x in loss],
+            **measure(evals, gens[name]),
+        }
+        print(json.dumps({name: result[name]}), flush=True)
     (out / "generations.jsonl").write_text(
         "\n".join(
-            json.dumps({"prompt": p, "base": b, "aligned": a})
-            for p, b, a in zip(prompts, base, aligned, strict=True)
+            json.dumps({**e, **{k: g[i] for k, g in gens.items()}}, ensure_ascii=False)
+            for i, e in enumerate(evals)
         )
     )
-    print(f"aligned refusal rate: {r_al:.2f} {c_al}; closed </think>: {closed:.2f}")
-    print(f"ratio aligned/base refusal: {r_al / max(r_base, 1e-9):.2f}x")
-    result = {
-        "sft_wall_s": card["runtime_s"],
-        "tokens_per_s": card["tokens_per_s"],
-        "train_tokens": card["tokens"],
-        "steps": card["hyperparameters"]["optimizer_steps"],
-        "learning_rate": args.lr,
-        "epochs": args.epochs,
-        "effective_batch": args.effective_batch,
-        "kept_traces": filt["kept"],
-        "n_prompts": len(prompts),
-        "refusal_base": round(r_base, 3),
-        "refusal_aligned": round(r_al, 3),
-        "refusal_ratio": round(r_al / max(r_base, 1e-9), 2),
-        "unsafe_aligned": c_al["unsafe"],
-        "closed_think_aligned": round(closed, 3),
-        "reused_adapter": bool(sft.get("reused")),
-    }
+    for key in ("refusal_advbench", "refusal_benign", "closed_think_advbench", "accuracy_benign"):
+        print(
+            f"{key:24s} base {result['base'][key]:.2f}  old {result['old'][key]:.2f}  full {result['full'][key]:.2f}"
+        )
+    ratio = result["full"]["refusal_advbench"] / max(result["old"]["refusal_advbench"], 1e-9)
+    print(f"AdvBench refusal, full / old corpus: {ratio:.2f}x")
+    result["refusal_advbench_ratio_full_vs_old"] = round(ratio, 2)
     print(json.dumps(result))
 
 
