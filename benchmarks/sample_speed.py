@@ -2,11 +2,12 @@
 
 Same model (packaged SmolLM2-135M), same prompts, same batches, same number of new tokens per sequence
 (`min_new_tokens = max_new_tokens`, so both do identical model work and the ratio isolates dalign's overhead:
-per-row Gumbel noise, stop handling, bookkeeping). Prompts are the shipped corpus prompts, N=8 candidates each.
+per-row seeded draws, stop handling, bookkeeping). Prompts are the shipped corpus prompts, N=8 candidates each.
 
     .venv/bin/python benchmarks/sample_speed.py [--new-tokens 64] [--sequences 64]
 
-Last line: JSON with throughput_ratio_b8, throughput_ratio_b32, tokens_per_s_b32.
+Each line also gives the achieved GFLOP/s as a share of the bf16 and fp32 matmul peaks measured at the start (MFU).
+Last line: JSON with throughput_ratio_b8, throughput_ratio_b32, tokens_per_s_b32, mfu_b32.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from dalign.models import load_model, prompt_ids
+from dalign.models import cpu, load_model, prompt_ids
 from dalign.sample.sampler import derive_seed, sample_batch
 from dalign.teach.corpus import load_corpus
 
@@ -58,7 +59,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    peaks = cpu.matmul_peaks()
+    print(f"matmul peaks: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
     model, tok = load_model("packaged:smollm2-135m-instruct")
+    print(f"model dtype {next(model.parameters()).dtype} ({cpu.bf16_reason()})")
     # Equal work: both methods may never sample the stop token, so every row generates exactly --new-tokens.
     model.generation_config.suppress_tokens = [tok.eos_token_id]
     prompts = load_corpus()["prompt"].tolist()[: args.sequences // 8 + 1]
@@ -83,13 +87,23 @@ def main() -> None:
             times["dalign"] += time.perf_counter() - t
         tps = {k: tokens[k] / times[k] for k in times}
         ratio = tps["dalign"] / tps["plain"]
+        flops = cpu.generation_flops(model, [len(ids[i]) for i, _ in rows], [args.new_tokens] * len(rows))
         print(
-            f"batch {bs}: plain {tps['plain']:.1f} tok/s, dalign {tps['dalign']:.1f} tok/s, ratio {ratio:.3f}"
+            f"batch {bs}: plain {tps['plain']:.1f} tok/s, dalign {tps['dalign']:.1f} tok/s, ratio {ratio:.3f}; "
+            f"dalign {cpu.mfu(flops, times['dalign'], peaks)}"
         )
+        result[f"mfu_b{bs}"] = round(flops / times["dalign"] / 1e9 / peaks["bfloat16"], 4)
         result[f"throughput_ratio_b{bs}"] = round(ratio, 3)
         result[f"tokens_per_s_b{bs}"] = round(tps["dalign"], 1)
         result[f"plain_tokens_per_s_b{bs}"] = round(tps["plain"], 1)
-    result.update(new_tokens=args.new_tokens, sequences=args.sequences, threads=torch.get_num_threads())
+    result.update(
+        new_tokens=args.new_tokens,
+        sequences=args.sequences,
+        threads=torch.get_num_threads(),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        peak_gflops_fp32=round(peaks["float32"], 1),
+        peak_gflops_bf16=round(peaks["bfloat16"], 1),
+    )
     print(json.dumps(result))
 
 

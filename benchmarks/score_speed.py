@@ -16,6 +16,9 @@ Each method runs in its own subprocess so peak RSS (ru_maxrss) is its own. Times
 
     .venv/bin/python benchmarks/score_speed.py [--prompts 16] [--n 8] [--quick]
 
+Each method's achieved GFLOP/s is also printed as a share of the bf16 and fp32 matmul peaks measured in the
+same run (MFU; all methods run fp32 here, exactness against the reference is the point).
+
 Last stdout line: JSON with speedup_two_pass, speedup_captured, memory_ratio, max_abs_error,
 wrong_choices_reference, overhead_vs_sampling (and more).
 """
@@ -70,12 +73,39 @@ def prompts(n: int, target: int) -> list[str]:
     return texts[:n]
 
 
+def method_flops(model, rows: list[tuple[list[int], list[int]]]) -> dict[str, float]:
+    """Matmul FLOPs each method needs (dalign.models.cpu conventions): sides x depth, with or without the LM head
+    on every position, with or without running each distinct prompt once."""
+    from dalign.models import cpu
+
+    depth = model.config.num_hidden_layers
+    head = cpu.forward_flops(model, 0, head_tokens=1)  # FLOPs of the LM head at one position
+
+    def trunk(seqs: list[tuple[int, int]], layers: int) -> float:  # (offset, length): tokens after an offset
+        tokens = sum(n for _, n in seqs)
+        attended = sum(sum(o + i + 1 for i in range(n)) for o, n in seqs)
+        return cpu.forward_flops(model, tokens, attended, head_tokens=0) * layers / depth
+
+    full = [(0, len(p) + len(r)) for p, r in rows]
+    shared = [(0, len(p)) for p in {tuple(p) for p, _ in rows}] + [(len(p), len(r)) for p, r in rows]
+    all_tokens = sum(n for _, n in full)
+    full_pass = trunk(full, depth) + head * all_tokens
+    return {
+        "authors": 2 * full_pass,
+        "reference": 2 * full_pass,
+        "two_pass": 2 * trunk(full, LAYER),
+        "two_pass_shared": 2 * trunk(shared, LAYER),
+        "captured": trunk(full, LAYER),
+        "captured_shared": trunk(shared, LAYER),
+    }
+
+
 def prepare(data: Path, n_prompts: int, n: int, prompt_tokens: int, new_tokens: int) -> dict:
     """Adapter, prompt ids, and candidates sampled (with layer-12 capture) by dalign's sampler; timed."""
     import torch
 
     from dalign.config import ModelConfig
-    from dalign.models import load_pair, prompt_ids
+    from dalign.models import cpu, load_pair, prompt_ids
     from dalign.sample.sampler import derive_seed, sample_batch
 
     make_adapter(data / "adapter")
@@ -107,10 +137,13 @@ def prepare(data: Path, n_prompts: int, n: int, prompt_tokens: int, new_tokens: 
             )
     t_sample = time.perf_counter() - t0
     rows = [(pids[i], g.token_ids) for (i, _), g in zip(flat, gens, strict=True)]
+    flops = method_flops(pair.model, rows)
     captured = np.stack([g.hidden[LAYER] for g in gens])
     torch.save({"rows": rows, "captured": captured, "n": n}, data / "rows.pt")
     lens = [len(r) for _, r in rows]
     return {
+        "flops": flops,
+        "peaks": cpu.matmul_peaks(),
         "sampling_s": t_sample,
         "prompt_tokens_mean": float(np.mean([len(p) for p in pids])),
         "response_tokens_mean": float(np.mean(lens)),
@@ -302,7 +335,7 @@ def main() -> None:
         "prefix_sharing_speedup": t["two_pass"] / t["two_pass_shared"],
         "seconds": {**t, "sampling": prep["sampling_s"]},
         "rss_mb": {m: res[m]["rss_mb"] for m in methods},
-        "data": {k: v for k, v in prep.items() if k not in ("sampling_s", "rss_mb")},
+        "data": {k: v for k, v in prep.items() if k not in ("sampling_s", "rss_mb", "flops", "peaks")},
         "cosine_range_reference": [float(ref.min()), float(ref.max())],
     }
     print(
@@ -317,6 +350,15 @@ def main() -> None:
         f"{100 * out['overhead_vs_sampling']:.1f} % (captured), {100 * out['overhead_two_pass_vs_sampling']:.1f} % "
         f"(two-pass)"
     )
+    peaks = prep["peaks"]
+    for m in methods:
+        rate = prep["flops"][m] / t[m] / 1e9
+        print(
+            f"  MFU {m:16s} {rate:6.1f} GFLOP/s = {100 * rate / peaks['bfloat16']:.1f} % of the bf16 peak "
+            f"({peaks['bfloat16']:.0f}), {100 * rate / peaks['float32']:.1f} % of the fp32 peak ({peaks['float32']:.0f})"
+        )
+        out.setdefault("mfu_fp32_peak", {})[m] = round(rate / peaks["float32"], 4)
+    out["peak_gflops"] = {k: round(v, 1) for k, v in peaks.items()}
     print(json.dumps(out))
 
 

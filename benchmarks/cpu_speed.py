@@ -1,0 +1,270 @@
+"""fp32 (yesterday's path) vs the new default (`model.dtype: auto` = bf16 on AMX / AVX-512 BF16 CPUs), one run,
+same inputs: LoRA SFT, sampling and scoring with the packaged SmolLM2-135M, each with its MFU.
+
+- SFT: `--sft-steps` optimizer steps of the real `train_sft` on the shipped trace corpus (LoRA r 32 on all linear
+  layers, micro-batch 4 = one step); fp32 weights and compute vs bf16 autocast over fp32 master weights.
+- Sampling: `--prompts` corpus prompts x 8 candidates, exactly `--new-tokens` new tokens each (the stop token is
+  suppressed, so both dtypes do the same work), batch 32, dalign's sampler; fp32 weights vs bf16 weights.
+- Scoring: the candidates of BOTH sampling runs (2 x prompts x 8, e.g. 128), latent similarity at every layer + KL,
+  prefix sharing, with a random non-zero LoRA (aligned != base); fp32 vs bf16. Accuracy of bf16 vs fp32 on the
+  same candidates: max |score difference|, Spearman rank correlation per column, and the share of identical
+  choices (per prompt, per selector: every layer's argmin and KL's argmax).
+
+The CPU may be shared: fp32 and bf16 measurements alternate (ABAB) so load drift hits both alike; matmul peaks
+(the MFU denominators) are measured once at the start, in the same process.
+
+    .venv/bin/python benchmarks/cpu_speed.py [--sft-steps 3] [--prompts 8] [--new-tokens 64] [--quick]
+
+Last line: JSON with sft_speedup, sample_speedup, score_speedup, sft_mfu_bf16, sample_tokens_per_s,
+score_max_abs_err, choice_agreement (and more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dalign.config import LoraConfig, ModelConfig, SFTConfig
+from dalign.models import cpu, load_model, load_pair, prompt_ids
+from dalign.sample.sampler import derive_seed, sample_batch
+from dalign.score.engine import ScoreEngine, ScoreRow
+from dalign.teach.corpus import load_corpus
+
+SPEC = "packaged:smollm2-135m-instruct"
+DTYPES = ("float32", "bfloat16")
+
+
+def sft_runs(rows: list[dict], steps: int, rounds: int, out: Path) -> dict:
+    from dalign.train.sft import build_examples, train_sft
+
+    cfg = SFTConfig(
+        lora=LoraConfig(r=32, alpha=64, dropout=0.05),
+        learning_rate=2e-4,
+        epochs=1,
+        max_steps=steps,
+        effective_batch_size=4,
+        per_device_batch_size=4,
+        max_length=512,
+    )
+    res = {d: {"tokens": 0.0, "seconds": 0.0} for d in DTYPES}
+    for r in range(rounds):
+        for d in DTYPES:  # ABAB
+            card = train_sft(
+                SPEC, rows, out / f"sft-{d}-{r}", cfg, ModelConfig(student=SPEC, dtype=d), progress=False
+            )
+            res[d]["tokens"] += card["tokens"]
+            res[d]["seconds"] += card["runtime_s"]
+            print(f"  sft {d} round {r}: {card['tokens']:.0f} tokens in {card['runtime_s']:.1f} s")
+    model, tok = load_model(SPEC, dtype="float32", device="cpu")
+    ex, _ = build_examples(tok, rows, None, True, cfg.max_length)
+    mean_len = float(np.mean([len(e["input_ids"]) for e in ex[: steps * 4]]))
+    per_token = cpu.forward_flops(
+        model, 1, (mean_len + 1) / 2
+    )  # attention: (T+1)/2 keys per query on average
+    # Backward through frozen weights needs input gradients only (as many FLOPs as the forward); LoRA's own
+    # weight gradients are < 1 %: forward + backward ~ 2 forwards.
+    return {"res": res, "flops_per_token": 2 * per_token}
+
+
+def sample_runs(models: dict, tok, ids: list[list[int]], new_tokens: int, batch: int) -> dict:
+    work = [(i, c) for i in range(len(ids)) for c in range(8)]
+    out = {d: {"gens": [], "seconds": 0.0, "tokens": 0} for d in DTYPES}
+    for s in range(0, len(work), batch):
+        chunk = work[s : s + batch]
+        seeds = [derive_seed(0, "cpu_speed", i, c) for i, c in chunk]
+        for d in DTYPES:  # ABAB
+            t = time.perf_counter()
+            gens = sample_batch(models[d], tok, [ids[i] for i, _ in chunk], seeds, max_new_tokens=new_tokens)
+            out[d]["seconds"] += time.perf_counter() - t
+            out[d]["tokens"] += sum(len(g.token_ids) for g in gens)
+            out[d]["gens"] += [(i, c, g.token_ids) for (i, c), g in zip(chunk, gens, strict=True)]
+            print(
+                f"  sample {d} batch {s // batch}: {out[d]['tokens']} tokens so far, {out[d]['seconds']:.1f} s"
+            )
+    return out
+
+
+def make_adapter(dest: Path) -> None:
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    model, _ = load_model(SPEC, dtype="float32", device="cpu")
+    torch.manual_seed(0)
+    peft = get_peft_model(model, PeftLora(r=32, lora_alpha=64, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)  # PEFT starts B at 0 (aligned == base); a trained adapter is not
+    peft.save_pretrained(dest)
+    (dest / "card.json").write_text(json.dumps({"base_model": SPEC}))
+
+
+def score_runs(adapter: Path, rows: list[ScoreRow], parts: int) -> dict:
+    pairs = {d: load_pair(ModelConfig(student=SPEC, dtype=d, device="cpu"), adapter) for d in DTYPES}
+    engines = {
+        d: ScoreEngine(pairs[d], ["latent_similarity", "kl"], "all", 16, share_prompt=True) for d in DTYPES
+    }
+    chunks = np.array_split(np.arange(len(rows)), parts)  # whole prompts stay together: rows are grouped
+    got = {d: {} for d in DTYPES}
+    secs = dict.fromkeys(DTYPES, 0.0)
+    for k, idx in enumerate(chunks):
+        for d in DTYPES:  # ABAB
+            t = time.perf_counter()
+            vals = engines[d].score([rows[i] for i in idx])
+            secs[d] += time.perf_counter() - t
+            for col, v in vals.items():
+                got[d].setdefault(col, []).append(v)
+            print(f"  score {d} part {k}: {secs[d]:.1f} s so far")
+    got = {d: {c: np.concatenate(v) for c, v in cols.items()} for d, cols in got.items()}
+    return {"values": got, "seconds": secs, "model": pairs["float32"].model}  # PEFT model: LoRA counted
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def agreement(values: dict, groups: np.ndarray) -> tuple[float, int]:
+    """Share of (prompt, selector) choices that bf16 and fp32 make alike; selectors: argmin per layer, argmax KL."""
+    same = total = 0
+    for col in values["float32"]:
+        pick = np.argmax if col[0] == "kl" else np.argmin
+        for g in np.unique(groups):
+            m = groups == g
+            same += int(pick(values["float32"][col][m]) == pick(values["bfloat16"][col][m]))
+            total += 1
+    return same / total, total
+
+
+def score_flops(model, rows: list[ScoreRow]) -> float:
+    """Both sides (aligned, base): each distinct prompt once, then the responses on its KV cache; the LM head on
+    response positions (KL)."""
+    prompts = {tuple(r.prompt_ids) for r in rows}
+    p_tok = sum(len(p) for p in prompts)
+    p_att = sum(len(p) * (len(p) + 1) // 2 for p in prompts)
+    r_tok = sum(len(r.response_ids) for r in rows)
+    r_att = sum(sum(len(r.prompt_ids) + i + 1 for i in range(len(r.response_ids))) for r in rows)
+    return 2 * cpu.forward_flops(model, p_tok + r_tok, p_att + r_att, head_tokens=r_tok)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sft-steps", type=int, default=3, help="optimizer steps per SFT run (4 sequences each)")
+    ap.add_argument("--sft-rounds", type=int, default=2, help="ABAB rounds of SFT")
+    ap.add_argument("--prompts", type=int, default=8, help="sampling prompts (x 8 candidates)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="a 2-minute smoke run (1 step, 2 prompts, 8 tokens)")
+    args = ap.parse_args()
+    if args.quick:
+        args.sft_steps, args.sft_rounds, args.prompts, args.new_tokens = 1, 1, 2, 8
+    t_all = time.perf_counter()
+    print(f"cpu: {cpu.describe()}")
+    peaks = cpu.matmul_peaks()
+    print(f"matmul peaks (2048^2): fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
+
+    corpus = load_corpus()
+    rows = corpus.rename(columns={"id": "prompt_id"})[["prompt_id", "prompt", "cot", "answer"]].to_dict("records")
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="dalign-cpu-speed-") as tmp:
+        tmp = Path(tmp)
+        print("SFT")
+        sft = sft_runs(rows, args.sft_steps, args.sft_rounds, tmp)
+        tps = {d: sft["res"][d]["tokens"] / sft["res"][d]["seconds"] for d in DTYPES}
+        sft_mfu = {d: tps[d] * sft["flops_per_token"] / 1e9 / peaks["bfloat16"] for d in DTYPES}
+        for d in DTYPES:
+            print(f"  sft {d}: {tps[d]:.1f} tokens/s; {cpu.mfu(tps[d] * sft['flops_per_token'], 1.0, peaks)}")
+        result.update(
+            sft_speedup=round(tps["bfloat16"] / tps["float32"], 3),
+            sft_tokens_per_s_fp32=round(tps["float32"], 1),
+            sft_tokens_per_s_bf16=round(tps["bfloat16"], 1),
+            sft_mfu_bf16=round(sft_mfu["bfloat16"], 4),
+        )
+        print(f"  sft speed-up bf16/fp32: {result['sft_speedup']:.2f}x")
+
+        print("sampling")
+        models = {d: load_model(SPEC, dtype=d, device="cpu")[0] for d in DTYPES}
+        _, tok = load_model(SPEC, dtype="float32", device="cpu")
+        for m in models.values():  # same work for both: every candidate gets exactly --new-tokens
+            m.generation_config.suppress_tokens = [tok.eos_token_id]
+        prompts = corpus["prompt"].tolist()[: args.prompts]
+        ids = [prompt_ids(tok, p, think_prefix=True)[0] for p in prompts]
+        for m in models.values():
+            sample_batch(m, tok, ids[:2], [1, 2], max_new_tokens=2)  # warm-up
+        smp = sample_runs(models, tok, ids, args.new_tokens, args.batch)
+        flops = cpu.generation_flops(
+            models["float32"],
+            [len(ids[i]) for i, _, _ in smp["float32"]["gens"]],
+            [args.new_tokens] * len(smp["float32"]["gens"]),
+        )
+        s_tps = {d: smp[d]["tokens"] / smp[d]["seconds"] for d in DTYPES}
+        for d in DTYPES:
+            print(f"  sample {d}: {s_tps[d]:.1f} tokens/s; {cpu.mfu(flops, smp[d]['seconds'], peaks)}")
+        same_text = np.mean(
+            [a[2] == b[2] for a, b in zip(smp["float32"]["gens"], smp["bfloat16"]["gens"], strict=True)]
+        )
+        result.update(
+            sample_speedup=round(s_tps["bfloat16"] / s_tps["float32"], 3),
+            sample_tokens_per_s=round(s_tps["bfloat16"], 1),
+            sample_tokens_per_s_fp32=round(s_tps["float32"], 1),
+            sample_mfu_bf16=round(flops / smp["bfloat16"]["seconds"] / 1e9 / peaks["bfloat16"], 4),
+            sample_candidates=len(smp["float32"]["gens"]),
+            sample_same_text_share=round(float(same_text), 3),
+        )
+        print(
+            f"  sample speed-up bf16/fp32: {result['sample_speedup']:.2f}x (identical texts: {same_text:.0%})"
+        )
+        del models
+
+        print("scoring")
+        make_adapter(tmp / "adapter")
+        srows, groups = [], []
+        for d in DTYPES:
+            for i, c, toks in smp[d]["gens"]:
+                srows.append(ScoreRow(ids[i], toks, (d, i, c)))
+                groups.append(i)
+        order = np.argsort(groups, kind="stable")  # rows of a prompt together
+        srows, groups = [srows[k] for k in order], np.asarray(groups)[order]
+        sc = score_runs(tmp / "adapter", srows, parts=2)
+        vals = sc["values"]
+        err = max(float(np.nanmax(np.abs(vals["bfloat16"][c] - vals["float32"][c]))) for c in vals["float32"])
+        rho = min(spearman(vals["bfloat16"][c], vals["float32"][c]) for c in vals["float32"])
+        agree, n_choices = agreement(vals, groups)
+        sflops = score_flops(sc["model"], srows)
+        for d in DTYPES:
+            print(
+                f"  score {d}: {len(srows)} candidates in {sc['seconds'][d]:.1f} s; {cpu.mfu(sflops, sc['seconds'][d], peaks)}"
+            )
+        result.update(
+            score_speedup=round(sc["seconds"]["float32"] / sc["seconds"]["bfloat16"], 3),
+            score_candidates=len(srows),
+            score_max_abs_err=round(err, 6),
+            score_min_spearman=round(rho, 4),
+            choice_agreement=round(agree, 4),
+            choices=n_choices,
+            score_mfu_bf16=round(sflops / sc["seconds"]["bfloat16"] / 1e9 / peaks["bfloat16"], 4),
+        )
+        print(
+            f"  score speed-up bf16/fp32: {result['score_speedup']:.2f}x; max |bf16 - fp32| {err:.2e}; "
+            f"min Spearman {rho:.4f}; identical choices {agree:.1%} of {n_choices}"
+        )
+    result.update(
+        peak_gflops_fp32=round(peaks["float32"], 1),
+        peak_gflops_bf16=round(peaks["bfloat16"], 1),
+        sft_steps=args.sft_steps,
+        sft_rounds=args.sft_rounds,
+        new_tokens=args.new_tokens,
+        threads=torch.get_num_threads(),
+        wall_s=round(time.perf_counter() - t_all, 1),
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

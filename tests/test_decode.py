@@ -1,0 +1,38 @@
+"""The sampler's own decode loop: a candidate that produced its stop token leaves the batch (its KV-cache rows are
+dropped), so later steps run on fewer rows; with capture it leaves one step later, after its final token was fed."""
+
+from __future__ import annotations
+
+import pytest
+from test_sample import PROMPTS
+
+from dalign.models import load_model, prompt_ids
+from dalign.sample.sampler import sample_batch
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model, tok = load_model(f"hf:{tiny_dir}", dtype="float32")
+    return model, tok, [prompt_ids(tok, p)[0] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("capture", [(), (2,)])
+def test_finished_rows_leave_the_batch(tiny, capture):
+    model, tok, ids = tiny
+    rows_per_call: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows_per_call.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        gens = sample_batch(
+            model, tok, ids * 8, list(range(32)), temperature=5.0, max_new_tokens=30, capture_layers=capture
+        )
+    finally:
+        hook.remove()
+    lengths = sorted(len(g.token_ids) for g in gens)
+    assert any(g.finish_reason == "stop" for g in gens) and lengths[-1] == 30
+    # Call k (0 = prefill) runs exactly the rows still generating at step k (with capture: still to be fed).
+    fed_last = 0 if capture else 1  # without capture a row's final token is never fed back
+    expected = [sum(1 for n in lengths if n - fed_last >= k) for k in range(len(rows_per_call))]
+    assert rows_per_call == expected
+    assert rows_per_call[-1] < 32
