@@ -42,8 +42,11 @@ class TransformersServer:
     """`transformers serve <model_dir>` as a subprocess on 127.0.0.1:<free port>; stopped (SIGTERM, then SIGKILL
     of its process group) on exit. `model` is the name requests must use (the pinned model's path)."""
 
-    def __init__(self, model_dir: str | Path, startup_s: float = 120.0, log: Path | None = None):
+    def __init__(
+        self, model_dir: str | Path, startup_s: float = 120.0, log: Path | None = None, threads: int = 1
+    ):
         self.model = str(model_dir)
+        self.threads = threads
         self.port = free_port()
         self.base_url = f"http://{HOST}:{self.port}/v1"
         self.startup_s = startup_s
@@ -53,7 +56,12 @@ class TransformersServer:
     def start(self) -> TransformersServer:
         exe = Path(sys.executable).with_name("transformers")
         cmd = [str(exe), "serve", self.model, "--host", HOST, "--port", str(self.port), "--device", "cpu"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": str(self.threads),
+        }
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, start_new_session=True)
         deadline = time.time() + self.startup_s

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -43,7 +44,8 @@ def worker_class(target: str) -> type[Worker]:
 
 def execute(run: RunDir, target: str, chunks: list[pd.DataFrame], **options) -> Iterator[dict]:
     """Run every chunk through `target` ("module:Class") on the configured backend; yields each chunk's stats
-    (plus `items`: its row count, `worker`: host:pid that ran it) as it commits, in completion order."""
+    (plus `items`: its row count, `worker`: host:pid that ran it, `seconds`: the worker's time on it) as it
+    commits, in completion order."""
     if not chunks:
         return
     if run.config.execution.backend == "ray":
@@ -53,7 +55,9 @@ def execute(run: RunDir, target: str, chunks: list[pd.DataFrame], **options) -> 
         return
     worker = worker_class(target)(run, **options)
     for chunk in chunks:
-        yield {"items": len(chunk), "worker": worker_id(), **worker(chunk)}
+        t0 = time.perf_counter()
+        stats = worker(chunk)
+        yield {"items": len(chunk), "worker": worker_id(), "seconds": time.perf_counter() - t0, **stats}
 
 
 __all__ = ["Worker", "execute", "worker_class", "worker_id"]

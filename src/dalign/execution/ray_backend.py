@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from collections.abc import Iterator
 
 import pandas as pd
@@ -59,10 +60,11 @@ class StageActor:
         out = []
         for blob in batch["chunk"]:
             chunk = pd.read_parquet(io.BytesIO(blob))
+            t0 = time.perf_counter()
             todo = self._uncommitted(chunk) if self.restarted else chunk
             stats = self.worker(todo) if len(todo) else {}
-            skipped = len(chunk) - len(todo)
-            out.append(json.dumps({"items": len(chunk), "skipped": skipped, "worker": self.id, **stats}))
+            done = {"items": len(chunk), "skipped": len(chunk) - len(todo), "worker": self.id}
+            out.append(json.dumps({**done, "seconds": time.perf_counter() - t0, **stats}))
         return {"stats": out}
 
 
