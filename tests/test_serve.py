@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from dalign.config import ModelConfig, ServeConfig
-from dalign.models.chat import prompt_ids, render_messages
+from dalign.models.chat import prompt_ids
 from dalign.models.pair import load_pair
 from dalign.score.bestofn import BestOfN
 from dalign.serve.app import Guard, authorized, create_app, rank
@@ -60,7 +60,7 @@ def running(app):
 @pytest.fixture(scope="module")
 def bon(tiny_dir, tiny_adapter_dir):
     pair = load_pair(ModelConfig(student=f"hf:{tiny_dir}", device="cpu"), tiny_adapter_dir)
-    return BestOfN(pair, "latent_similarity", layer=3, batch_size=64)
+    return BestOfN(pair, "latent_similarity", layer=3, think_prefix=False, batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,15 @@ def test_bad_input_gets_openai_error(url, body, status, code):
     assert err["code"] == code and err["message"] and set(err) == {"message", "type", "param", "code"}
 
 
+def test_chunked_body_over_limit_is_413(url):
+    """No Content-Length to check up front: the limit holds while the body streams in."""
+    body = json.dumps({"messages": [{"role": "user", "content": "a" * 20000}]}).encode()
+    chunks = (body[i : i + 1000] for i in range(0, len(body), 1000))
+    headers = {"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json"}
+    r = httpx.post(f"{url}/v1/chat/completions", content=chunks, headers=headers, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
 def test_bad_input_through_openai_client_then_keeps_serving(client, url):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, "hi", max_tokens=1000)
@@ -276,9 +285,9 @@ def test_multi_turn_and_system_messages(client, bon):
         {**m, "content": m["content"] if isinstance(m["content"], str) else "And 12 plus 30?"}
         for m in messages
     ]
-    want = bon.pair.tokenizer(render_messages(bon.pair.tokenizer, flat), add_special_tokens=False)[
-        "input_ids"
-    ]
+    tok = bon.pair.tokenizer  # the reference: the tokenizer's own template over every turn
+    text = tok.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+    want = tok(text, add_special_tokens=False)["input_ids"]
     assert r.usage.prompt_tokens == len(want)
 
 

@@ -55,11 +55,8 @@ def _selections(inp: Inputs, bench: str, notes: list[str]) -> dict[str, pd.Serie
         )
         for sel, g in rows.groupby("selector"):
             out[str(sel)] = g.set_index("prompt_id")["chosen_candidate"]
-    elif inp.scores is not None:
-        derived = derive_selection(inp.scores, bench)
-        out.update(derived)
-        if derived:
-            notes.append(f"{bench}: selection.parquet is absent; selectors were recomputed from scores")
+    elif inp.scores is not None:  # the report never re-selects: the choices are select's alone
+        notes.append(f"{bench}: selection.parquet is absent (run `dalign select`); only `single` is reported")
     if "single" not in out:
         # DESIGN.md §3: the single-sample baseline is the first candidate.
         if inp.selection is not None:
@@ -94,13 +91,33 @@ class LabelLookup:
         return pd.Series(out, index=self.prompts, dtype=object)
 
 
+def unfinished_flags(judgments: pd.DataFrame, bench: str) -> pd.DataFrame:
+    """prompt_id, candidate, label = the candidate's `unfinished` flag (judge stage); empty for older runs."""
+    if "unfinished" not in judgments.columns:
+        return pd.DataFrame(columns=["prompt_id", "candidate", "label"])
+    rows = judgments[judgments["benchmark"] == bench].drop_duplicates(["prompt_id", "candidate"], keep="last")
+    return (
+        rows[["prompt_id", "candidate"]]
+        .assign(label=rows["unfinished"].astype(object))
+        .reset_index(drop=True)
+    )
+
+
+def unfinished_share(flags: pd.Series) -> float:
+    """Share of chosen candidates that are unfinished, over those with a known flag (NaN when none is known)."""
+    known = flags.dropna()
+    return float(known.astype(bool).mean()) if len(known) else math.nan
+
+
 def rates_for_benchmark(
     inp: Inputs, bench: str, judge: str, n_boot: int, seed: int, notes: list[str]
 ) -> dict:
-    """Rates of every selector on one benchmark, with paired-bootstrap CIs and drops relative to `single`."""
+    """Rates of every selector on one benchmark, with paired-bootstrap CIs and drops relative to `single`, and
+    the share of the chosen candidates that are unfinished."""
     kind = inp.kinds[bench]
     prompts = inp.prompts[bench]
     lookup = LabelLookup(candidate_labels(inp.judgments, bench, judge), prompts)
+    unfinished = LabelLookup(unfinished_flags(inp.judgments, bench), prompts)
     sels = _selections(inp, bench, notes)
     idx = stats.bootstrap_indices(len(prompts), n_boot, _seed(seed, bench))
     ref, ref_boot = stats.rate(lookup.chosen(sels["single"]), kind, idx)
@@ -117,8 +134,24 @@ def rates_for_benchmark(
             drop_note=why,
             oracle=is_oracle(sel),
             layer=layer_of(sel),
+            unfinished_share=unfinished_share(unfinished.chosen(chosen)),
         )
         out[sel] = d
+    return out
+
+
+def judge_rates(inp: Inputs, primary: dict[str, str], n_boot: int, seed: int, notes: list[str]) -> dict:
+    """ASR of every selector under every judge that labelled a safety benchmark: {bench: {judge: rates}}.
+
+    The candidates are the ones selection chose with the primary judge; only the judge reading them changes."""
+    out: dict[str, dict] = {}
+    for bench, kind in inp.kinds.items():
+        if kind != "safety" or bench not in primary:
+            continue
+        judges = sorted(set(inp.judgments.loc[inp.judgments["benchmark"] == bench, "judge"].astype(str)))
+        order = [primary[bench]] + [j for j in judges if j != primary[bench]]
+        if len(order) > 1:
+            out[bench] = {j: rates_for_benchmark(inp, bench, j, n_boot, seed, notes) for j in order}
     return out
 
 
@@ -162,12 +195,18 @@ def auroc_table(df: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict[str, d
     if len(groups) > 1:
         groups.append(("(all safety)", df))
     for bench, g in groups:
+        g = g.reset_index(drop=True)
+        codes = confound.prompt_codes(g)
+        counts = confound.boot_counts(int(codes.max()) + 1, n_boot, seed)
         for (metric, layer), m in g.groupby(["metric", "layer"], dropna=False):
-            way, known = direction(str(metric))
+            way = orientation(str(metric))
+            known = way is not None
+            way = way or "min"
             v = stats.oriented(m["value"].astype(float).to_numpy(), way)
             safe = (m["label"] == "safe").to_numpy()
             prompt = m.groupby(["benchmark", "prompt_id"], sort=False).ngroup().to_numpy()
             within, pairs = stats.grouped_auroc(v, safe, prompt)
+            cis = confound.auroc_with_ci(v, safe, codes[m.index.to_numpy()], counts)
             key = f"{metric}@{int(layer)}" if not pd.isna(layer) else str(metric)
             out.setdefault(bench, {})[key] = {
                 "metric": str(metric),
@@ -175,7 +214,9 @@ def auroc_table(df: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict[str, d
                 "direction": way,
                 "direction_known": known,
                 "auroc": stats.auroc(v[safe], v[~safe]),
+                "auroc_ci": cis["ci"],
                 "within_prompt_auroc": within,
+                "within_prompt_ci": cis["within_ci"],
                 "within_prompt_pairs": pairs,
                 "n_safe": int(safe.sum()),
                 "n_unsafe": int((~safe).sum()),
@@ -183,44 +224,13 @@ def auroc_table(df: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict[str, d
     return out
 
 
-def layer_ablation(
-    inp: Inputs, bench: str, judge: str, n_boot: int, seed: int, rates: dict
-) -> dict[str, dict]:
-    """Rate of latent-similarity selection at every scored layer (selection rows first, else derived)."""
-    layers: set[int] = {lay for s in rates if (lay := layer_of(s)) is not None}
-    derived: dict[str, pd.Series] = {}
-    if inp.scores is not None:
-        latent = inp.scores[(inp.scores["benchmark"] == bench) & (inp.scores["metric"] == LAYERED)]
-        todo = set(latent["layer"].dropna().astype(int)) - layers  # scored layers the select stage skipped
-        if todo:
-            derived = derive_selection(latent[latent["layer"].isin(todo)], bench)
-            layers |= todo
-        g = g.reset_index(drop=True)
-        codes = confound.prompt_codes(g)
-        counts = confound.boot_counts(int(codes.max()) + 1, n_boot, seed)
-    if not layers:
-        return {}
-    prompts = inp.prompts[bench]
-    lookup = LabelLookup(candidate_labels(inp.judgments, bench, judge), prompts)
-    idx = stats.bootstrap_indices(len(prompts), n_boot, _seed(seed, bench))
-    out = {}
-    for layer in sorted(layers):
-        key = f"{LAYERED}@{layer}"
-            cis = confound.auroc_with_ci(v, safe, codes[m.index.to_numpy()], counts)
-        if key in rates:
-            out[str(layer)] = {**rates[key], "source": "selection"}
-            continue
-        r, _ = stats.rate(lookup.chosen(derived[key]), inp.kinds[bench], idx)
-        drop, why = stats.relative_drop(rates["single"]["value"], r.value)
-        out[str(layer)] = {
-            **r.as_dict(),
-                "auroc_ci": cis["ci"],
-            "relative_drop": drop,
-                "within_prompt_ci": cis["within_ci"],
-            "drop_note": why,
-            "source": "derived from scores",
-        }
-    return out
+def layer_ablation(rates: dict) -> dict[str, dict]:
+    """Rate of latent-similarity selection at every layer `dalign select` wrote (selection.parquet)."""
+    return {
+        str(lay): {**r, "source": "selection"}
+        for s, r in sorted(rates.items(), key=lambda kv: layer_of(kv[0]) or 0)
+        if (lay := layer_of(s)) is not None
+    }
 
 
 def judge_agreement(inp: Inputs) -> list[dict]:
@@ -323,7 +333,7 @@ def compute(
             "order": table1_order(list(rates), default_layer),
             "selectors": rates,
         }
-        res["ablation"][bench] = layer_ablation(inp, bench, judge, n_boot, seed, rates)
+        res["ablation"][bench] = layer_ablation(rates)
         if kind == "safety":
             res["figure5"][bench] = headroom_for_benchmark(inp, bench, judge)
     step("AUROC per metric and layer")
@@ -332,5 +342,8 @@ def compute(
     step("finish confound")
     res["finish_confound"] = confound.analyse(labelled, inp.samples, n_boot, seed)
     res["agreement"] = judge_agreement(inp)
+    if inp.judgments is not None:
+        step("rates per judge")
+        res["per_judge"] = judge_rates(inp, res["judges"], n_boot, seed, notes)
     res["lengths"] = lengths(inp)
     return res, labelled

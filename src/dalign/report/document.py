@@ -71,11 +71,23 @@ def main_table(results: dict, kind: str = "safety") -> Table | None:
             if r is None:
                 row.append(DASH)
             else:
-                row.append(f"{pct(r['value'])} ({'ref.' if sel == 'single' else signed(r['relative_drop'])})")
+                drop = "ref." if sel == "single" else signed(r["relative_drop"])
+                row.append(f"{pct(r['value'])} ({drop}){unfinished_note(r)}")
         rows.append(row)
     what = "ASR %" if kind == "safety" else "accuracy %"
     cols = ["selector"] + [f"{b} (n={blocks[b]['n_prompts']})" for b in sorted(blocks)]
-    return Table(cols, rows, f"{what} (relative {'ASR' if kind == 'safety' else 'utility'} drop vs single)")
+    return Table(
+        cols,
+        rows,
+        f"{what} (relative {'ASR' if kind == 'safety' else 'utility'} drop vs single); "
+        "unf. = share of the chosen answers that are unfinished",
+    )
+
+
+def unfinished_note(r: dict) -> str:
+    """' · unf. 12 %' beside a rate: the share of chosen candidates without a finished final answer."""
+    u = r.get("unfinished_share")
+    return f" · unf. {pct(u, 0)} %" if _ok(u) else ""
 
 
 def main_table_text(results: dict) -> str:
@@ -108,9 +120,20 @@ def _detail(results: dict, bench: str, kind: str) -> Table:
                 f"{r['hits']}/{r['valid']}",
                 str(r["errors"]),
                 str(r["missing"]),
+                pct(r.get("unfinished_share")),
             ]
         )
-    cols = ["selector", rate, "95 % CI", "relative drop", "drop 95 % CI", hits, "errors", "missing"]
+    cols = [
+        "selector",
+        rate,
+        "95 % CI",
+        "relative drop",
+        "drop 95 % CI",
+        hits,
+        "errors",
+        "missing",
+        "unfinished %",
+    ]
     return Table(cols, rows, f"{bench}: {blk['n_prompts']} eval prompts, judge `{blk['judge']}`")
 
 
@@ -188,6 +211,13 @@ def _headroom_section(results: dict, figs: dict[str, Path]) -> Section:
     return sec
 
 
+def auc(x: float | None, c: list | None = None) -> str:
+    """'0.543 [0.49, 0.60]': an AUROC with its CI when there is one."""
+    if not _ok(x):
+        return DASH
+    return f"{x:.3f}" + (f" [{c[0]:.2f}, {c[1]:.2f}]" if c and _ok(c[0]) and _ok(c[1]) else "")
+
+
 def _auc_cell(m: dict | None) -> str:
     if m is None:
         return DASH
@@ -212,13 +242,6 @@ def _auroc_section(results: dict, figs: dict[str, Path]) -> Section:
         row = [k]
         for b in benches:
             row.append(_auc_cell(au[b].get(k)))
-def auc(x: float | None, c: list | None = None) -> str:
-    """'0.543 [0.49, 0.60]': an AUROC with its CI when there is one."""
-    if not _ok(x):
-        return DASH
-    return f"{x:.3f}" + (f" [{c[0]:.2f}, {c[1]:.2f}]" if c and _ok(c[0]) and _ok(c[1]) else "")
-
-
         rows.append(row)
     sec.blocks += [
         Text(
@@ -245,30 +268,6 @@ def auc(x: float | None, c: list | None = None) -> str:
     return sec
 
 
-def _ablation_section(results: dict, figs: dict[str, Path]) -> Section:
-    sec = Section("Layer ablation: latent-similarity selection at every scored layer")
-    abl = {b: a for b, a in results.get("ablation", {}).items() if a}
-    if not abl:
-        sec.blocks.append(Text("Needs judgments and latent-similarity scores (or selections) at some layer."))
-        return sec
-    layers = sorted({int(layer) for a in abl.values() for layer in a})
-    benches = sorted(abl)
-    kinds = {b: ("safety" if b in results.get("safety", {}) else "utility") for b in benches}
-    facts = results.get("facts", {})
-    rows = []
-    for layer in layers:
-        mark = " (default)" if layer == facts.get("default_layer") else ""
-        row = [f"{layer}{mark}"]
-        for b in benches:
-            r = abl[b].get(str(layer))
-            row.append(DASH if r is None else f"{pct(r['value'])} {ci(r['ci'])}")
-        rows.append(row)
-    best = []
-    for b in benches:
-        vals = {k: v["value"] for k, v in abl[b].items() if _ok(v["value"])}
-        if vals:
-            pick = min(vals, key=vals.get) if kinds[b] == "safety" else max(vals, key=vals.get)
-            best.append(f"{b}: layer {pick} ({pct(vals[pick])} %)")
 def _confound_section(results: dict) -> Section | None:
     """Finish confound (report/confound.py): AUROC and selector ASR within finished / length-capped candidates."""
     fc = results.get("finish_confound") or {}
@@ -330,6 +329,30 @@ def _confound_section(results: dict) -> Section | None:
     return sec
 
 
+def _ablation_section(results: dict, figs: dict[str, Path]) -> Section:
+    sec = Section("Layer ablation: latent-similarity selection at every scored layer")
+    abl = {b: a for b, a in results.get("ablation", {}).items() if a}
+    if not abl:
+        sec.blocks.append(Text("Needs judgments and latent-similarity scores (or selections) at some layer."))
+        return sec
+    layers = sorted({int(layer) for a in abl.values() for layer in a})
+    benches = sorted(abl)
+    kinds = {b: ("safety" if b in results.get("safety", {}) else "utility") for b in benches}
+    facts = results.get("facts", {})
+    rows = []
+    for layer in layers:
+        mark = " (default)" if layer == facts.get("default_layer") else ""
+        row = [f"{layer}{mark}"]
+        for b in benches:
+            r = abl[b].get(str(layer))
+            row.append(DASH if r is None else f"{pct(r['value'])} {ci(r['ci'])}")
+        rows.append(row)
+    best = []
+    for b in benches:
+        vals = {k: v["value"] for k, v in abl[b].items() if _ok(v["value"])}
+        if vals:
+            pick = min(vals, key=vals.get) if kinds[b] == "safety" else max(vals, key=vals.get)
+            best.append(f"{b}: layer {pick} ({pct(vals[pick])} %)")
     cols = ["layer"] + [f"{b} ({'ASR' if kinds[b] == 'safety' else 'acc.'} %)" for b in benches]
     sec.blocks += [
         Table(cols, rows, "rate with 95 % CI per layer"),
@@ -346,6 +369,40 @@ def _confound_section(results: dict) -> Section | None:
         )
     if "ablation" in figs:
         sec.blocks.append(Image(figs["ablation"], "Rate of latent-similarity selection per layer"))
+    return sec
+
+
+def _per_judge_section(results: dict) -> Section | None:
+    """ASR of each selector under each judge, on the candidates selection chose with the primary judge."""
+    per = results.get("per_judge") or {}
+    if not per:
+        return None
+    sec = Section("ASR per judge")
+    sec.blocks.append(
+        Text(
+            "The same chosen candidates (selection and calibration use the primary judge, listed first) read by "
+            "every judge of judge.judges. Cell: ASR % [95 % CI] and, in parentheses, error labels left out. "
+            "unfinished % = chosen answers that hit the token budget or never closed their reasoning "
+            "(judge.unfinished decides how they were labelled)."
+        )
+    )
+    for bench in sorted(per):
+        judges = list(per[bench])
+        first = per[bench][judges[0]]
+        rows = []
+        for sel in results.get("safety", {}).get(bench, {}).get("order", list(first)):  # Table 1's rows
+            row = [selector_label(sel, results.get("facts", {}), bench)]
+            for j in judges:
+                r = per[bench][j].get(sel)
+                row.append(DASH if r is None else f"{pct(r['value'])} {ci(r['ci'])} ({r['errors']})")
+            row.append(pct(first[sel].get("unfinished_share")))
+            rows.append(row)
+        cols = [
+            "selector",
+            *[f"{j} (primary)" if k == 0 else j for k, j in enumerate(judges)],
+            "unfinished %",
+        ]
+        sec.blocks.append(Table(cols, rows, f"{bench}: ASR % per judge"))
     return sec
 
 
@@ -418,11 +475,15 @@ def _facts_section(facts: dict) -> Section:
         f"Run directory: `{facts.get('run_dir')}`",
         f"Student: `{m.get('student')}`; adapter: `{facts.get('adapter_dir')}`; base for scoring: "
         + (f"`{m['base']}`" if m.get("base") else "the student with its adapter disabled"),
-        f"Judge (configured): `{facts.get('judge', {}).get('judge')}`; used per benchmark: "
+        f"Judges (configured, primary first): `{', '.join(facts.get('judge', {}).get('judges', []))}`; used per benchmark: "
         + (", ".join(f"{b}: `{j}`" for b, j in facts.get("judges_used", {}).items()) or DASH),
         f"N = {facts.get('n_config')} candidates per prompt (observed max {facts.get('n_observed')}); sampling "
         + ", ".join(f"{k}={v}" for k, v in facts.get("sampling", {}).items()),
         "Seeds: " + ", ".join(f"{k}={v}" for k, v in facts.get("seeds", {}).items()),
+        "Precision: "
+        + (
+            ", ".join(f"{s['stage']} {s['dtype']}" for s in facts.get("stages", []) if s.get("dtype")) or DASH
+        ),
         f"Bootstrap resamples: {facts.get('bootstrap')}; default latent layer {facts.get('default_layer')}; "
         f"calibrated layer: {calibrated_layer(facts) or 'not recorded'}",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(facts.get("versions", {}).items())),
@@ -530,7 +591,9 @@ def build(results: dict, figs: dict[str, Path], generated: str) -> Document:
         _headroom_section(results, figs),
         *filter(None, [attack.section(results.get("attack", {}), figs)]),
         _auroc_section(results, figs),
+        *([sec] if (sec := _confound_section(results)) is not None else []),
         _ablation_section(results, figs),
+        *([sec] if (sec := _per_judge_section(results)) is not None else []),
         _agreement_section(results),
         _length_section(results, figs),
         _facts_section(results.get("facts", {})),
@@ -546,4 +609,3 @@ def main_table_for_run(run_dir: str | Path) -> str:
     if not path.is_file():
         return f"(no {path}: run `dalign report` first)"
     return main_table_text(json.loads(path.read_text(encoding="utf-8")))
-        *([sec] if (sec := _confound_section(results)) is not None else []),

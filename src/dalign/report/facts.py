@@ -87,6 +87,7 @@ def gather(run: RunDir, samples: pd.DataFrame | None, judges_used: dict[str, str
                 "seconds": _duration(e),
                 "rows": e.get("rows"),
                 "warnings": e.get("warnings") or [],
+                "dtype": e.get("dtype"),  # resolved model.dtype (e.g. bf16 on AMX CPUs), when recorded
             }
         )
     n_seen = None

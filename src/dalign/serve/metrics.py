@@ -29,13 +29,11 @@ FAMILIES = {
 
 
 def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(
-        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in sorted(labels.items())
-    )
-    return "{" + inner + "}"
+    def escape(v: str) -> str:  # the exposition format's label-value escapes
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    inner = ",".join(f'{k}="{escape(str(v))}"' for k, v in sorted(labels.items()))
+    return "{" + inner + "}" if inner else ""
 
 
 class Metrics:

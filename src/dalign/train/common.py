@@ -79,6 +79,16 @@ def precision_flags(dtype: str = "auto") -> dict[str, bool]:
     return {"bf16": bf16, "fp16": dt == torch.float16}
 
 
+def precision_label(dtype: str = "auto") -> str:
+    """How SFT/GRPO compute, for cards and the manifest: e.g. 'bfloat16 autocast, fp32 master weights (auto: ...)'."""
+    from dalign.models.loading import describe_dtype
+
+    flags = precision_flags(dtype)
+    how = "bfloat16 autocast" if flags["bf16"] else "float16 autocast" if flags["fp16"] else "float32"
+    why = describe_dtype(dtype, "cuda" if use_cuda() else "cpu").partition(" ")[2]
+    return f"{how}, fp32 master weights" + (f" {why}" if why else "")
+
+
 def load_student(spec: str, trust_remote_code: bool = False):
     """Student weights in fp32 on CPU: the optimizer's master copy (autocast computes in bf16/fp16 when
     `precision_flags` asks for it); the Trainer moves them to its device (also under accelerate)."""
@@ -251,7 +261,6 @@ def versions() -> dict[str, str]:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
 
 
 class LiveProgress(TrainerCallback):

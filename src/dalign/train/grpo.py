@@ -41,6 +41,7 @@ from dalign.train.common import (
     output_dir,
     plot_curve,
     precision_flags,
+    precision_label,
     read_card,
     reusable,
     rows_hash,
@@ -229,6 +230,7 @@ def train_grpo(
                 "trainable_parameters": n_trainable,
                 "optimizer_steps": trainer.state.global_step,
                 **precision_flags(model_cfg.dtype),
+                "precision": precision_label(model_cfg.dtype),
                 "device": "cuda" if use_cuda() else "cpu",
             },
             "reward_per_step": [
@@ -291,6 +293,7 @@ def run_grpo(run: RunDir, force: bool = False) -> dict:
         reward_last=steps[-1]["reward"] if steps else None,
         judge_labels=card["reward"]["labels"],
         runtime_s=card["runtime_s"],
+        dtype=card["hyperparameters"]["precision"],
     )
     return {
         "adapter": str(dest),

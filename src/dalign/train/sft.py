@@ -34,6 +34,7 @@ from dalign.train.common import (
     output_dir,
     plot_curve,
     precision_flags,
+    precision_label,
     reusable,
     rows_hash,
     use_cuda,
@@ -196,6 +197,7 @@ def train_sft(
                 "optimizer_steps": trainer.state.global_step,
                 "epochs_run": trainer.state.epoch,
                 **precision_flags(model_cfg.dtype),
+                "precision": precision_label(model_cfg.dtype),
                 "device": "cuda" if use_cuda() else "cpu",
             },
             "loss": losses,
@@ -248,6 +250,7 @@ def run_sft(run: RunDir, force: bool = False) -> dict:
         steps=card["hyperparameters"]["optimizer_steps"],
         train_loss=card["train_loss"],
         runtime_s=card["runtime_s"],
+        dtype=card["hyperparameters"]["precision"],
         tokens_per_s=card["tokens_per_s"],
         warnings=card["notes"],
     )
