@@ -77,7 +77,14 @@ def resolve_spec(spec: str) -> Path | str:
         raise ModelSpecError(f"model spec {spec!r} has no form prefix; {_spec_forms()}")
     if kind == "hf":
         p = Path(rest).expanduser()
-        return p if p.exists() else rest
+        if p.exists():
+            return p
+        if rest.startswith(("/", ".", "~")) or rest.count("/") > 1:  # a path, not a hub id (<org>/<name>)
+            raise ModelSpecError(
+                f"hf:{rest}: local model directory {p} does not exist (hf: takes an existing directory or a hub id "
+                "like HuggingFaceTB/SmolLM2-135M-Instruct)"
+            )
+        return rest
     if kind == "gguf":
         p = Path(rest).expanduser()
         if not p.is_file():
@@ -139,6 +146,7 @@ def pick_device(device: str) -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs and on CPUs with native bf16 matmuls (AMX / AVX-512 BF16), fp32 elsewhere."""
     if dtype == "auto":
         from dalign.models.cpu import fast_bf16
 
@@ -146,14 +154,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_tokenizer(spec: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-    """`auto`: bf16 on GPUs and on CPUs with native bf16 matmuls (AMX / AVX-512 BF16), fp32 elsewhere."""
-
-    tok = AutoTokenizer.from_pretrained(resolve_spec(spec), trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 def describe_dtype(dtype: str, device: str = "auto") -> str:
     """What `dtype` resolves to on this machine, and why for `auto`: e.g. 'bfloat16 (auto: CPU flags amx_bf16)'.
     Stages record it in the manifest (the config only says `auto`)."""
@@ -166,6 +166,13 @@ def describe_dtype(dtype: str, device: str = "auto") -> str:
     return f"{name} (auto: {'GPU' if dev.type == 'cuda' else bf16_reason()})"
 
 
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_spec(spec), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def load_model(spec: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
