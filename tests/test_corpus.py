@@ -16,6 +16,7 @@ from dalign.teach.corpus import (
     CorpusError,
     corpus_card,
     distinct_n,
+    filter_card,
     length_histogram,
     load_corpus,
     top_openings,
@@ -57,10 +58,10 @@ def evals() -> dict[str, pd.DataFrame]:
 def test_corpus_schema_and_counts(corpus):
     spec = load_spec()
     card = corpus_card(corpus)
-    assert card["size"] >= 340
+    assert card["size"] >= 1000
     assert set(corpus["category"]) == set(spec.categories)  # every category covered
     assert set(corpus["decision"]) == {"refuse", "safe_complete", "comply"}
-    assert card["benign_share"] >= 0.30
+    assert 0.30 <= card["benign_share"] <= 0.40
     for cat, share in STAR41K_SHARES.items():  # harmful mix close to STAR-41K's
         assert abs(card["harmful_shares"][cat] - share) < 0.05, cat
     assert (corpus.loc[corpus["category"] == "benign", "decision"] == "comply").all()
@@ -204,6 +205,16 @@ def test_card_tables_add_up(corpus):
     for field, hist in card["length_histograms"].items():
         assert sum(hist.values()) == card["size"], field
     assert abs(sum(card["decision_shares"].values()) - 1) < 0.01
+
+
+def test_filter_card_applies_the_filter_stage_rule(corpus):
+    """refusal judge: benign answers kept (it only detects refusals), refusals kept, harmful compliance dropped."""
+    ids = ["benign-001", "illicit-031", "violence-006"]  # benign / harmful refuse / harmful comply
+    card = filter_card("refusal", corpus.set_index("id").loc[ids].reset_index())
+    assert card["by_category"]["benign"] == {"kept": 1, "total": 1}
+    assert card["by_decision"]["refuse"] == {"kept": 1, "total": 1}
+    assert card["by_decision"]["comply"] == {"kept": 1, "total": 2}
+    assert card["kept"] == 2 and card["dropped_because"] == {"refusal: unsafe": 1}
 
 
 def test_corpus_errors_name_file_and_line(tmp_path):

@@ -167,3 +167,45 @@ def top_openings(texts: pd.Series, words: int = 3, top: int = 5) -> list[dict]:
         {"opening": h, "count": c, "share": round(c / max(len(texts), 1), 3)}
         for h, c in heads.most_common(top)
     ]
+
+
+def filter_card(judge_name: str, df: pd.DataFrame | None = None, spec: Spec | None = None) -> dict:
+    """What the filter stage would keep with `judge_name`: kept counts per category x decision, and why the rest
+    were dropped (the stage's own `decide` rule on the judge's verdicts for (prompt, answer))."""
+    from dalign.judge import get_judge
+    from dalign.teach.stage import decide
+
+    spec = spec or load_spec()
+    df = load_corpus(spec=spec) if df is None else df
+    rows = [{**r, "malformed": False} for r in df[FIELDS].to_dict("records")]
+    verdicts = get_judge(judge_name).judge(
+        [{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]} for r in rows]
+    )
+    kept, reasons = Counter(), Counter()
+    for r, v in zip(rows, verdicts, strict=True):
+        keep, why = decide(r, v, judge_name, spec.default_category, False)
+        kept[(r["category"], r["decision"], keep)] += 1
+        if not keep:
+            reasons[why] += 1
+    return {
+        "judge": judge_name,
+        "kept": sum(n for (_, _, k), n in kept.items() if k),
+        "size": len(rows),
+        "by_decision": {
+            d: {"kept": sum(n for (_, dd, k), n in kept.items() if dd == d and k), "total": n_d}
+            for d, n_d in Counter(df["decision"]).items()
+        },
+        "by_category": {
+            c: {"kept": sum(n for (cc, _, k), n in kept.items() if cc == c and k), "total": n_c}
+            for c, n_c in Counter(df["category"]).items()
+        },
+        "dropped_because": dict(reasons.most_common()),
+    }
+
+
+if __name__ == "__main__":  # .venv/bin/python -m dalign.teach.corpus [judge ...]: the card's numbers as JSON
+    import sys
+
+    out = {"card": corpus_card()}
+    out["filters"] = [filter_card(j) for j in sys.argv[1:]]
+    print(json.dumps(out, indent=1, ensure_ascii=False))
