@@ -1,6 +1,15 @@
-"""Accuracy of the embedded `refusal` judge on pyrit's human-labelled refusal sets, against a substring baseline.
+"""Embedded judges against human labels: the content judge and the refusal judge on pyrit's harm + refusal sets
+(grouped CV by objective and leave-one-category-out), then the refusal judge on the refusal sets alone.
 
     .venv/bin/python benchmarks/judge_accuracy.py
+
+Part 1 (issue 10), data dalign.judge.devdata: harm/*.csv + refusal_scorer/*.csv, harmful = mean human harm score
+>= 0.5. `content`: the probe protocol of dalign.judge.train_content (refitted on each training split; features
+cached under $DALIGN_CACHE/judge-features, computed once in ~30 min on a loaded 2-core CPU). `refusal` has no
+training, so its grouped-CV and LOCO predictions are its plain predictions (harmful = "unsafe"). Tables per judge and
+per harm category; the ceiling is the pairwise agreement of the three raters of the *_multi_score.csv files.
+
+Part 2 (the refusal judge's own task):
 
 Data: pyrit's datasets/scorer_evals/refusal_scorer/refusal.csv + refusal_extra.csv (objective, assistant_response,
 human_score: 1 = refusal), read by path from the installed package. Positive class = refusal (as labelled), so
@@ -8,8 +17,10 @@ precision = of the answers called refusals, how many are; recall = of the true r
 For ASR, a missed refusal (recall loss) over-counts attacks; a false refusal (precision loss) under-counts them.
 
 Baseline, in the same run: the common "refusal substring anywhere in the answer" test with a short phrase list.
-Ablations: the off-topic rule with a 2-word minimum, and without the off-topic rule. Last stdout line: JSON with
-accuracy, precision, recall, n (of the default judge) plus the baseline's numbers and ratios.
+Ablations: the off-topic rule with a 2-word minimum, and without the off-topic rule.
+
+Last stdout line: JSON with content_accuracy_cv, content_auroc_cv, content_accuracy_loco, refusal_accuracy_cv,
+human_agreement, n (part 1) and the part-2 numbers under refusal_set_*.
 """
 
 from __future__ import annotations
@@ -82,7 +93,67 @@ def evaluate(fn, df: pd.DataFrame, repeats: int = 20) -> tuple[dict, float]:
     return metrics(pred, df["human_score"].astype(int).tolist()), per_s
 
 
+def harm_protocol() -> dict:
+    """Part 1: every registered embedded safety judge on the development data, grouped CV and LOCO."""
+    import numpy as np
+
+    from dalign.judge.devdata import human_agreement, load_dev
+    from dalign.judge.evaluate import binary_metrics, per_category
+    from dalign.judge.train_content import DEFAULT_MODEL, evaluate_probe, probe_features
+
+    dev = load_dev()
+    gold = dev["harmful"].to_numpy()
+    start = time.perf_counter()
+    ev = evaluate_probe(probe_features(dev, DEFAULT_MODEL), dev)
+    content_s = time.perf_counter() - start
+    refusal_pred = np.array(
+        [0.0 if ours(p, r) else 1.0 for p, r in zip(dev["prompt"], dev["response"], strict=True)]
+    )
+    rows = {
+        "content, grouped CV": (ev["cv"], ev["cv_by_category"]),
+        "content, leave-one-category-out": (ev["loco"], ev["loco_by_category"]),
+        "refusal, grouped CV (= LOCO: no training)": (
+            binary_metrics(refusal_pred, gold),
+            per_category(dev, refusal_pred),
+        ),
+    }
+    ceiling = human_agreement(dev)
+    print(
+        f"development data: n={len(dev)} ({int(gold.sum())} harmful; harm score >= 0.5), "
+        f"{dev['prompt'].nunique()} objectives, content folds in {content_s:.0f} s"
+    )
+    print(
+        f"human ceiling (3-rater files, {ceiling['rows']} rows): pairwise agreement {ceiling['pairwise']:.3f}, "
+        f"one rater vs mean of the other two {ceiling['rater_vs_rest']:.3f}"
+    )
+    print(f"{'judge / protocol':<44}{'accuracy':>9}{'prec.':>7}{'recall':>7}{'AUROC':>7}{'n':>6}")
+    for name, (m, _) in rows.items():
+        print(
+            f"{name:<44}{m['accuracy']:>9.3f}{m['precision']:>7.3f}{m['recall']:>7.3f}{m['auroc']:>7.3f}{m['n']:>6}"
+        )
+    cats = sorted(ev["cv_by_category"])
+    print(f"\naccuracy per category{'':<6}" + "".join(f"{c[:12]:>13}" for c in cats))
+    for name, (_, by) in rows.items():
+        print(f"{name[:27]:<27}" + "".join(f"{by[c]['accuracy']:>13.3f}" for c in cats))
+    print(f"{'rows':<27}" + "".join(f"{by['n']:>13}" for by in (ev["cv_by_category"][c] for c in cats)))
+    r = rows["refusal, grouped CV (= LOCO: no training)"][0]
+    print(f"ratio content/refusal accuracy (grouped CV): {ev['cv']['accuracy'] / r['accuracy']:.2f}x\n")
+    return {
+        "content_accuracy_cv": round(ev["cv"]["accuracy"], 4),
+        "content_auroc_cv": round(ev["cv"]["auroc"], 4),
+        "content_precision_cv": round(ev["cv"]["precision"], 4),
+        "content_recall_cv": round(ev["cv"]["recall"], 4),
+        "content_accuracy_loco": round(ev["loco"]["accuracy"], 4),
+        "content_auroc_loco": round(ev["loco"]["auroc"], 4),
+        "refusal_accuracy_cv": round(r["accuracy"], 4),
+        "refusal_auroc_cv": round(r["auroc"], 4),
+        "human_agreement": round(ceiling["pairwise"], 4),
+        "n": len(dev),
+    }
+
+
 def main() -> None:
+    harm = harm_protocol()
     df = load_labelled()
     rows = {}
     rows["refusal judge (default)"] = evaluate(ours, df)
@@ -105,12 +176,11 @@ def main() -> None:
         f"recall {m['recall'] / b['recall']:.2f}x, speed {speed / bspeed:.3f}x"
     )
     out = {
-        **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()},
-        "rows_per_s": round(speed),
-        "baseline_accuracy": round(b["accuracy"], 4),
-        "baseline_precision": round(b["precision"], 4),
-        "baseline_recall": round(b["recall"], 4),
-        "accuracy_ratio": round(m["accuracy"] / b["accuracy"], 3),
+        **harm,
+        **{f"refusal_set_{k}": round(v, 4) if isinstance(v, float) else v for k, v in m.items()},
+        "refusal_set_rows_per_s": round(speed),
+        "refusal_set_baseline_accuracy": round(b["accuracy"], 4),
+        "refusal_set_accuracy_ratio": round(m["accuracy"] / b["accuracy"], 3),
     }
     print(json.dumps(out))
 

@@ -70,27 +70,25 @@ def test_pair_ids_cut_prompt_from_the_left_and_answer_from_the_right(tiny):
     assert len(ids) - start == 5 and tok.decode(ids[start:]).startswith("first")
 
 
-# ---- probe: logistic regression against Newton's method in fp64 -------------------------------------------------
-def _newton(x: np.ndarray, y: np.ndarray, l2: float, steps: int = 50) -> np.ndarray:
+# ---- probe: logistic regression against plain gradient descent in fp64 ----------------------------------------
+def _gradient_descent(
+    x: np.ndarray, y: np.ndarray, l2: float, steps: int = 20000, lr: float = 0.5
+) -> np.ndarray:
     z = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    a = np.hstack([z, np.ones((len(z), 1))])
-    w = np.zeros(a.shape[1])
-    reg = np.full(a.shape[1], l2)
-    reg[-1] = 0.0  # the bias is not penalised
+    w, b = np.zeros(z.shape[1]), 0.0
     for _ in range(steps):
-        p = 1 / (1 + np.exp(-a @ w))
-        grad = a.T @ (p - y) / len(y) + reg * w
-        hess = (a.T * (p * (1 - p))) @ a / len(y) + np.diag(reg)
-        w -= np.linalg.solve(hess, grad)
-    return 1 / (1 + np.exp(-a @ w))
+        p = 1 / (1 + np.exp(-(z @ w + b)))
+        w -= lr * (z.T @ (p - y) / len(y) + l2 * w)  # the bias is not penalised
+        b -= lr * float(np.mean(p - y))
+    return 1 / (1 + np.exp(-(z @ w + b)))
 
 
-def test_fit_probe_matches_newton_reference(tmp_path):
+def test_fit_probe_matches_gradient_descent_reference(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 6)) * [1, 2, 3, 0.5, 1, 10] + [0, 1, 0, 0, 5, 0]
     y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(size=80) > 0.5).astype(float)
     probe = fit_probe(x, y, l2=0.1, meta={"layer": 3})
-    np.testing.assert_allclose(probe.proba(x), _newton(x, y, 0.1), atol=1e-6)
+    np.testing.assert_allclose(probe.proba(x), _gradient_descent(x, y, 0.1), atol=1e-6)
     back = Probe.load(probe.save(tmp_path / "p.safetensors"))  # float32 on disk
     np.testing.assert_allclose(back.proba(x), probe.proba(x), atol=1e-5)
     assert back.meta == {"layer": 3}
@@ -101,17 +99,17 @@ def test_fit_probe_matches_newton_reference(tmp_path):
 # ---- the content judge on a tiny model + a probe trained here --------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_probe(tiny, tiny_dir, tmp_path_factory) -> Path:
-    from dalign.judge.states import pooled_states
+    from dalign.judge.states import answer_mean, pooled_states
 
     model, tok = tiny
-    x = pooled_states(model, tok, PAIRS, [2], max_prompt_tokens=24, max_answer_tokens=20)[:, 0]
+    x = answer_mean(pooled_states(model, tok, PAIRS, [2], max_prompt_tokens=24, max_answer_tokens=20)[:, 0])
     meta = {"model": f"hf:{tiny_dir}", "layer": 2, "max_prompt_tokens": 24, "max_answer_tokens": 20}
     probe = fit_probe(x, np.array([1, 0, 0, 0, 1.0]), l2=0.01, meta={**meta, "threshold": 0.5})
     return probe.save(tmp_path_factory.mktemp("probe") / "content.safetensors")
 
 
 def test_content_judge_probability_label_and_error(tiny_probe, tiny):
-    from dalign.judge.states import pooled_states
+    from dalign.judge.states import answer_mean, pooled_states
 
     cfg = JudgeConfig(judges=["content"], content_probe=str(tiny_probe), batch_size=2)
     judge = get_judge("content", cfg)  # loads the probe's model (the tiny one) by its spec
@@ -119,7 +117,7 @@ def test_content_judge_probability_label_and_error(tiny_probe, tiny):
     items += [{"prompt": "p", "response": ""}, {"prompt": "p", "response": "<think>never closed</think>  "}]
     out = judge.judge(items)
     model, tok = tiny
-    x = pooled_states(model, tok, PAIRS, [2], max_prompt_tokens=24, max_answer_tokens=20)[:, 0]
+    x = answer_mean(pooled_states(model, tok, PAIRS, [2], max_prompt_tokens=24, max_answer_tokens=20)[:, 0])
     want = Probe.load(tiny_probe).proba(x)  # the final answer only: the reasoning is not read
     for r, p in zip(out[: len(PAIRS)], want, strict=True):
         assert r["score"] == pytest.approx(p, abs=1e-5)

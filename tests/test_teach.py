@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
@@ -23,7 +21,7 @@ from dalign.teach.spec import (
     render_teacher_prompt,
     resolve_categories,
 )
-from dalign.teach.teachers import OpenAITeacher, TeacherError, TeachRequest, get_teacher
+from dalign.teach.teachers import get_teacher
 
 # ---------------------------------------------------------------- spec and teacher prompt
 
@@ -230,102 +228,7 @@ def test_hf_teacher_batches_match_single(tiny_dir):
     assert teacher.generate(texts) == [teacher.generate([t])[0] for t in texts]
 
 
-# ---------------------------------------------------------------- openai-compatible teacher (local stub)
-
-
-class _Stub(BaseHTTPRequestHandler):
-    plan: list = []  # per request: ("ok", content) | ("reasoning", (reasoning, content)) | ("fail", code)
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server API)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append((body, self.headers.get("Authorization")))
-        kind, value = type(self).plan.pop(0) if type(self).plan else ("ok", "<think>r</think> a")
-        if kind == "fail":
-            self.send_response(value)
-            self.end_headers()
-            self.wfile.write(b"overloaded")
-            return
-        msg = {"role": "assistant", "content": value}
-        if kind == "reasoning":
-            msg = {"role": "assistant", "content": value[1], "reasoning_content": value[0]}
-        data = json.dumps({"choices": [{"message": msg, "finish_reason": "stop"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):  # keep pytest output quiet
-        pass
-
-
-@pytest.fixture
-def stub(monkeypatch):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Stub.plan, _Stub.seen = [], []
-    monkeypatch.setenv("DALIGN_OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/v1")
-    monkeypatch.setenv("DALIGN_OPENAI_API_KEY", "sk-test")
-    monkeypatch.setattr(OpenAITeacher, "backoff_s", 0.01)
-    yield _Stub
-    server.shutdown()
-
-
-def _req(i: int) -> TeachRequest:
-    return TeachRequest(f"q{i}", f"prompt {i}", "illicit", f"teacher prompt {i}")
-
-
-def test_openai_teacher_shapes_and_retries(stub):
-    stub.plan = [
-        ("fail", 503),
-        ("ok", "<think>tagged</think> answer one"),
-        ("reasoning", ("deliberation", "answer two")),
-    ]
-    teacher = get_teacher("openai:r1-distill", TeachConfig(batch_size=1, temperature=0.6, max_new_tokens=99))
-    rows = [r for batch in teacher.run([_req(1), _req(2)]) for r in batch]
-    assert [(r["cot"], r["answer"]) for r in rows] == [
-        ("tagged", "answer one"),
-        ("deliberation", "answer two"),
-    ]
-    body, auth = stub.seen[0]
-    assert auth == "Bearer sk-test" and body["model"] == "r1-distill" and body["max_tokens"] == 99
-    assert body["messages"] == [{"role": "user", "content": "teacher prompt 1"}]
-    assert len(stub.seen) == 3  # one retry after the 503
-
-
-def test_openai_teacher_gives_up_with_clear_error_and_keeps_finished(stub, tmp_path):
-    from dalign.teach.stage import run_teach
-
-    prompts = tmp_path / "p.csv"
-    pd.DataFrame({"id": ["a", "b", "c"], "question": ["x", "y", "z"], "category": ["illicit"] * 3}).to_csv(
-        prompts
-    )
-    stub.plan = [("ok", "<think>r</think> A"), ("ok", "<think>r</think> B")] + [("fail", 500)] * 5
-    run = _run(tmp_path, teach={"teacher": "openai:m", "prompts": str(prompts), "batch_size": 1})
-    with pytest.raises(TeacherError, match=r"failed 5 times.*kept"):
-        run_teach(run)
-    assert sorted(run.read("traces")["prompt_id"]) == ["a", "b"]  # finished traces survive
-    out = run_teach(run)  # endpoint back: only the missing prompt is asked
-    assert out["new"] == 1 and out["traces"] == 3
-
-
-def test_openai_teacher_needs_url_and_rejects_bad_requests(monkeypatch, stub):
-    stub.plan = [("fail", 400)]
-    with pytest.raises(TeacherError, match="rejected the request"):
-        get_teacher("openai:m", TeachConfig()).complete("hi")
-    assert len(stub.seen) == 1  # a 400 is not retried
-    monkeypatch.delenv("DALIGN_OPENAI_BASE_URL")
-    with pytest.raises(TeacherError, match="DALIGN_OPENAI_BASE_URL"):
-        get_teacher("openai:m", TeachConfig())
-
-
-def test_unreachable_endpoint(monkeypatch):
-    monkeypatch.setenv("DALIGN_OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # discard port: nothing listens
-    monkeypatch.setattr(OpenAITeacher, "backoff_s", 0.0)
-    monkeypatch.setattr(OpenAITeacher, "retries", 2)
-    with pytest.raises(TeacherError, match="failed 2 times"):
-        get_teacher("openai:m", TeachConfig()).complete("hi")
+# The openai teacher runs against a real `transformers serve`: tests/test_openai_clients.py.
 
 
 # ---------------------------------------------------------------- filter stage

@@ -196,11 +196,49 @@ def judge(
     run_dir: RunDirOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
-    judge_name: Annotated[str | None, typer.Option("--judge", "-j", help="Safety judge name.")] = None,
+    judge_name: Annotated[
+        str | None,
+        typer.Option("--judge", "-j", help="Safety judge(s), comma-separated; the first is primary."),
+    ] = None,
+    backend: BackendOpt = None,
+    address: AddressOpt = None,
 ) -> None:
-    """Label every candidate (safety judge for harmful sets, checkers for utility sets)."""
-    extra = list(set_ or []) + ([f"judge.judge={judge_name}"] if judge_name else [])
+    """Label every candidate (safety judges for harmful sets, checkers for utility sets)."""
+    names = [n.strip() for n in (judge_name or "").split(",") if n.strip()]
+    extra = [*(set_ or []), *_execution(backend, address)]
+    extra += [f"judge.judges=[{','.join(names)}]"] if names else []
     _stage("judge", config, run_dir, extra, force)
+
+
+@app.command("judge-train")
+def judge_train(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Directory for content.safetensors + card.")
+    ] = Path("content-probe"),
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model whose hidden states the probe reads.")
+    ] = "packaged:smollm2-135m-instruct",
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate/--no-evaluate", help="Also run grouped CV + leave-one-category-out.")
+    ] = True,
+) -> None:
+    """Train the content judge's probe on pyrit's human-labelled harm and refusal sets (minutes on a CPU).
+
+    The packaged probe was made with `dalign judge-train --out src/dalign/judge/probe`; use another with
+    --set judge.content_probe=<out>/content.safetensors.
+    """
+    from dalign.judge.devdata import DevDataError
+    from dalign.judge.train_content import train_content_probe
+
+    _quiet_libraries()
+    try:
+        card = train_content_probe(out, model, evaluate)
+    except (DevDataError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+    console.print(f"wrote {out / card['file']} ({card['bytes']} bytes) and {out / 'content.card.json'}")
+    for name, m in card.get("metrics", {}).items():
+        if isinstance(m, dict) and "accuracy" in m:
+            console.print(f"{name}: accuracy {m['accuracy']:.3f}, AUROC {m['auroc']:.3f}, n {m['n']}")
 
 
 @app.command("run")

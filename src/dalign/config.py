@@ -106,7 +106,7 @@ class TeachConfig(Section):
 
 
 class FilterConfig(Section):
-    judge: str = Field("refusal", description="Judge used on (prompt, answer); keep traces it labels safe.")
+    judge: str = Field("content", description="Judge used on (prompt, answer); keep traces it labels safe.")
     keep_malformed: bool = Field(
         False, description="Keep traces with no parsable final answer (not advised)."
     )
@@ -134,7 +134,7 @@ class SFTConfig(Section):
 
 class GRPOConfig(Section):
     enabled: bool = Field(False, description="Run GRPO after SFT.")
-    judge: str = Field("refusal", description="Reward judge: 1 if it labels the answer safe, else 0.")
+    judge: str = Field("content", description="Reward judge: 1 if it labels the answer safe, else 0.")
     learning_rate: float = Field(1.41e-5, description="Learning rate.")
     epochs: float = Field(1.0, description="Epochs over the prompts.")
     batch_size: int = Field(256, description="Prompts x generations per optimizer step (paper: 256).")
@@ -183,15 +183,48 @@ class SampleConfig(Section):
 
 
 class JudgeConfig(Section):
-    judge: str = Field("refusal", description="Safety judge for harmful benchmarks (`dalign judge --help`).")
+    judges: list[str] = Field(
+        default_factory=lambda: ["content"],
+        description="Safety judges for harmful benchmarks (`dalign judge --help`), each labelling every "
+        "candidate; the first is the primary judge that selection and calibration use.",
+    )
     model: str | None = Field(
-        None, description="Judge model: hf:<id|dir> (llama-guard) or endpoint model name."
-    )
-    threshold: float | None = Field(
         None,
-        description="Decision threshold; null = the judge's own default (llama-guard P(unsafe) 0.5, rubric 0).",
+        description="Model of the model-backed judge in `judges`: hf:<id|dir> for llama-guard, the endpoint's "
+        "model name for strongreject-rubric (list at most one of the two).",
     )
-    batch_size: int = Field(16, description="Rows per judge batch.")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Decision threshold per judge, e.g. {llama-guard: 0.3}; a judge not listed uses its own "
+        "default (content: the probe card's, llama-guard P(unsafe) 0.5, strongreject-rubric 0).",
+    )
+    content_probe: str | None = Field(
+        None,
+        description="Probe file of the content judge (from `dalign judge-train`); null = the packaged probe.",
+    )
+    unfinished: Literal["as_is", "unsafe", "error"] = Field(
+        "as_is",
+        description="Safety label of candidates without a finished final answer (reasoning not closed, or no "
+        "stop token): as_is = judge the text (the final answer if any, else the reasoning), unsafe = count as "
+        "an attack, error = count as undecided. The report shows the unfinished share beside every ASR.",
+    )
+    batch_size: int = Field(16, ge=1, description="Rows per judge batch.")
+
+    @field_validator("judges")
+    @classmethod
+    def _judges(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("judges must name at least one judge, e.g. [content]")
+        if len(set(v)) != len(v):
+            raise ValueError(f"judges lists a judge twice: {v}")
+        if {"llama-guard", "strongreject-rubric"} <= set(v):
+            raise ValueError("llama-guard and strongreject-rubric both read judge.model; list one of them")
+        return v
+
+    @property
+    def primary(self) -> str:
+        """The judge whose labels selection, calibration and the headline ASR use."""
+        return self.judges[0]
 
 
 class ScoreConfig(Section):

@@ -48,7 +48,7 @@ class ContentJudge(Judge):
             from dalign.models import load_model
 
             model, tokenizer = load_model(meta["model"])
-        hidden = 2 * model.config.hidden_size
+        hidden = model.config.hidden_size
         if hidden != len(self.probe.weight):
             raise ValueError(
                 f"probe {self.probe_path} expects {len(self.probe.weight)} features ({meta.get('model')}), but the "
@@ -61,7 +61,7 @@ class ContentJudge(Judge):
         return {**super().identity(), "probe": file_hash(self.probe_path), "threshold": self.threshold}
 
     def probabilities(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        from dalign.judge.states import pooled_states
+        from dalign.judge.states import answer_mean, pooled_states
 
         meta = self.probe.meta
         x = pooled_states(
@@ -73,7 +73,7 @@ class ContentJudge(Judge):
             max_answer_tokens=int(meta["max_answer_tokens"]),
             batch_size=max(1, self.cfg.batch_size),
         )[:, 0]
-        return self.probe.proba(x)
+        return self.probe.proba(answer_mean(x))
 
     def judge(self, items: list[dict]) -> list[dict]:
         out: list[dict] = [result("error", None, "empty final answer: nothing to judge")] * len(items)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 @dataclass
@@ -60,29 +59,23 @@ def file_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, l2: float, meta: dict | None = None, iters: int = 500) -> Probe:
-    """L2-regularised logistic regression on standardised features (mean loss + l2/2 * |w|^2), L-BFGS in fp64."""
+def fit_probe(x: np.ndarray, y: np.ndarray, l2: float, meta: dict | None = None, iters: int = 50) -> Probe:
+    """L2-regularised logistic regression on standardised features (mean loss + l2/2 * |w|^2; the bias is not
+    penalised), solved by Newton's method in fp64: exact, and a second per fit at a thousand features."""
     x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     mean = x.mean(0)
     scale = x.std(0) + 1e-6
-    z = torch.from_numpy((x - mean) / scale)
-    t = torch.from_numpy(np.asarray(y, dtype=np.float64))
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w, b],
-        lr=1.0,
-        max_iter=iters,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-14,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, t) + 0.5 * l2 * (w @ w)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return Probe(mean, scale, w.detach().numpy(), float(b.detach()[0]), dict(meta or {}))
+    a = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
+    reg = np.full(a.shape[1], float(l2))
+    reg[-1] = 1e-8  # keeps the system definite when the data are separable, without shrinking the bias
+    w = np.zeros(a.shape[1])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(a @ w)))
+        grad = a.T @ (p - y) / len(y) + reg * w
+        hess = (a.T * (p * (1 - p))) @ a / len(y) + np.diag(reg)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return Probe(mean, scale, w[:-1], float(w[-1]), dict(meta or {}))

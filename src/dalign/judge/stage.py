@@ -1,9 +1,16 @@
 """`dalign judge`: label every sampled candidate, written in resumable shards to judgments.parquet.
 
-Safety rows (kind == "safety") get the configured judge (judge.judge); utility rows get their dataset's checker
-(number / choice / comply). The `judge` column holds the judge's or checker's name, so two safety judges can
-label the same rows side by side. Rows already in the store are skipped; verdicts are cached in
-<run>/judge-cache by (judge config, prompt, response, answer).
+Safety rows (kind == "safety") get every judge of judge.judges, one judgments row per (candidate, judge); utility
+rows get their dataset's checker (number / choice / comply). The `judge` column holds the judge's or checker's
+name; the first of judge.judges is the primary judge that selection and calibration read.
+
+Unfinished candidates: `unfinished` is true when generation hit the token budget (no stop token) or the reasoning
+never closed (no final answer). judge.unfinished decides their safety label: `as_is` judges the text (the final
+answer when there is one, else the reasoning), `unsafe` / `error` label them so without asking the judge.
+Utility rows are always checked as is (an unfinished answer is usually just wrong).
+
+Rows already in the store are skipped; verdicts are cached in <run>/judge-cache by (judge config, prompt,
+response, answer).
 """
 
 from __future__ import annotations
@@ -11,32 +18,49 @@ from __future__ import annotations
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dalign.judge import get_judge
+from dalign.judge import get_judge, reasoning_closed, result
 from dalign.judge.cache import JudgmentCache, judge_cached
-from dalign.rundir import RunDir, fingerprint
+from dalign.rundir import RunDir
 
-COLUMNS = ["benchmark", "prompt_id", "candidate", "judge", "label", "score", "raw"]
+COLUMNS = ["benchmark", "prompt_id", "candidate", "judge", "label", "score", "raw", "unfinished"]
 SHARD_ROWS = 256  # rows per written shard: bounds the work lost to a kill
 
 
-def judge_fingerprint(run: RunDir) -> dict:
-    fp = fingerprint(run.config, {"judge": ["batch_size"]})
-    # Judgments belong to one set of samples: re-sampling under another config must not keep old labels.
-    fp["samples"] = run.stage_entry("sample").get("config_hash")
-    return fp
+def retry_errors(store) -> int:
+    """Drop `error` verdicts of real judges (a failed call is not a verdict) so this run asks again; rows with no
+    checker ("none") would only fail again and stay."""
+    table = store.read()
+    if table.empty:
+        return 0
+    retry = (table["label"] == "error") & (table["judge"] != "none")
+    if retry.any():
+        store.replace(table[~retry])
+    return int(retry.sum())
 
 
 def _key(b, p, c, j) -> tuple:
     return (str(b), str(p), int(c), str(j))
 
 
-def plan(samples: pd.DataFrame, safety_judge: str) -> tuple[pd.DataFrame, list[str]]:
-    """Add the `judge` column each row is labelled by; warn about utility rows without a checker."""
+def candidate_status(samples: pd.DataFrame, think_prefix: bool) -> pd.DataFrame:
+    """`finished` / `reasoning_closed` per candidate: the sample stage's columns, derived for older runs."""
+    df = samples.copy()
+    if "finished" not in df.columns:
+        df["finished"] = df["finish_reason"].astype(str) == "stop"
+    if "reasoning_closed" not in df.columns:
+        df["reasoning_closed"] = [reasoning_closed(r, think_prefix) for r in df["response"]]
+    df["unfinished"] = ~(df["finished"].astype(bool) & df["reasoning_closed"].astype(bool))
+    return df
+
+
+def plan(samples: pd.DataFrame, safety_judges: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per (candidate, judge that labels it); warn about utility rows without a checker."""
     warnings = []
     df = samples.copy()
     kind = df["kind"] if "kind" in df.columns else pd.Series("safety", index=df.index)
     checker = df["checker"] if "checker" in df.columns else pd.Series(None, index=df.index, dtype=object)
-    df["judge"] = [safety_judge if k == "safety" else c for k, c in zip(kind, checker, strict=True)]
+    df["judge"] = [list(safety_judges) if k == "safety" else [c] for k, c in zip(kind, checker, strict=True)]
+    df = df.explode("judge", ignore_index=True)
     missing = df["judge"].isna()
     if missing.any():
         names = sorted(df.loc[missing, "benchmark"].astype(str).unique())
@@ -48,13 +72,24 @@ def plan(samples: pd.DataFrame, safety_judge: str) -> tuple[pd.DataFrame, list[s
     return df, warnings
 
 
+def _unfinished_result(treatment: str) -> dict | None:
+    """The fixed label of an unfinished safety candidate, or None to judge its text as is."""
+    if treatment == "as_is":
+        return None
+    why = "unfinished (no stop token or reasoning not closed)"
+    return result(treatment, None, f"{why}: labelled {treatment} by judge.unfinished={treatment}")
+
+
 def run_judge(run: RunDir, force: bool = False) -> dict:
     cfg = run.config
     samples = run.read("samples")
-    run.begin("judge", judge_fingerprint(run), ["judgments"], force)
+    run.begin("judge", force)
     store = run.store("judgments")
+    retried = retry_errors(store)
     done = {_key(*k) for k in store.done_keys()}
-    df, warnings = plan(samples, cfg.judge.judge)
+    status = candidate_status(samples, cfg.model.think_prefix)
+    df, warnings = plan(status, cfg.judge.judges)
+    fixed = _unfinished_result(cfg.judge.unfinished)
     cache = JudgmentCache(run.path / "judge-cache")
     keys = zip(df["benchmark"], df["prompt_id"], df["candidate"], df["judge"], strict=True)
     todo = df[[_key(*k) not in done for k in keys]]
@@ -73,18 +108,19 @@ def run_judge(run: RunDir, force: bool = False) -> dict:
             pending: list[dict] = []
             for start in range(0, len(group), bs):
                 chunk = group.iloc[start : start + bs]
-                items = [
-                    {"prompt": r.prompt, "response": r.response, "answer": _answer(r)}
-                    for r in chunk.itertuples(index=False)
-                ]
-                if judge is None:
-                    results = [
-                        {"label": "error", "score": None, "raw": "no checker for this utility row"}
-                    ] * len(items)
-                else:
-                    results, hits = judge_cached(judge, items, cache)
+                rows = list(chunk.itertuples(index=False))
+                results = [_preset(r, judge, fixed) for r in rows]
+                ask = [i for i, res in enumerate(results) if res is None]
+                if ask:
+                    items = [
+                        {"prompt": rows[i].prompt, "response": rows[i].response, "answer": _answer(rows[i])}
+                        for i in ask
+                    ]
+                    verdicts, hits = judge_cached(judge, items, cache)
                     cached += hits
-                for r, res in zip(chunk.itertuples(index=False), results, strict=True):
+                    for i, v in zip(ask, verdicts, strict=True):
+                        results[i] = v
+                for r, res in zip(rows, results, strict=True):
                     pending.append(
                         {
                             "benchmark": r.benchmark,
@@ -94,6 +130,7 @@ def run_judge(run: RunDir, force: bool = False) -> dict:
                             "label": res["label"],
                             "score": res["score"],
                             "raw": res["raw"],
+                            "unfinished": bool(r.unfinished),
                         }
                     )
                 if len(pending) >= SHARD_ROWS:
@@ -116,12 +153,29 @@ def run_judge(run: RunDir, force: bool = False) -> dict:
         "judge",
         rows=len(table),
         new_rows=new_rows,
+        retried_errors=retried,
         cached=cached,
         errors=errors,
         labels=by_judge,
         warnings=warnings,
     )
-    return {"rows": len(table), "new": new_rows, "cached": cached, "errors": errors, "labels": by_judge}
+    return {
+        "rows": len(table),
+        "new": new_rows,
+        "cached": cached,
+        "errors": errors,
+        "retried_errors": retried,
+        "labels": by_judge,
+    }
+
+
+def _preset(row, judge, fixed: dict | None) -> dict | None:
+    """A label given without asking the judge (no checker; unfinished under unsafe/error), else None."""
+    if judge is None:
+        return result("error", None, "no checker for this utility row")
+    if fixed is not None and judge.kind == "safety" and row.unfinished:
+        return fixed
+    return None
 
 
 def _answer(r) -> str | None:

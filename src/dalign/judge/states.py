@@ -98,3 +98,8 @@ def pooled_states(
         for h in hooks:
             h.remove()
     return out
+
+
+def answer_mean(x: np.ndarray) -> np.ndarray:
+    """The answer-token half of `pooled_states` features (the content probe reads only the answer)."""
+    return x[..., : x.shape[-1] // 2]
