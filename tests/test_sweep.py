@@ -24,7 +24,9 @@ HARMFUL = [
 ]
 
 
-def _sweep_file(tmp_path: Path, tiny_dir: Path, tiny_qwen_dir: Path, name: str = "grid") -> Path:
+def _sweep_file(
+    tmp_path: Path, tiny_dir: Path, tiny_qwen_dir: Path, name: str = "grid", one_teacher: bool = False
+) -> Path:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": p, "category": "illicit"}) + "\n" for p in PROMPTS))
     harmful = tmp_path / "harmful.jsonl"
@@ -52,7 +54,7 @@ def _sweep_file(tmp_path: Path, tiny_dir: Path, tiny_qwen_dir: Path, name: str =
             "report": {"bootstrap": 20},
         },
         "grid": {
-            "teach.teacher": [f"hf:{tiny_dir}", f"hf:{tiny_qwen_dir}"],
+            "teach.teacher": [f"hf:{tiny_dir}"] + ([] if one_teacher else [f"hf:{tiny_qwen_dir}"]),
             "model.student": [f"hf:{tiny_dir}", f"hf:{tiny_qwen_dir}"],
         },
         "labels": {"teach.teacher": "teacher", "model.student": "student"},
@@ -128,7 +130,7 @@ def pd_read(path: Path):
 
 
 def test_sweep_resumes_after_sigkill(tmp_path, tiny_dir, tiny_qwen_dir):
-    path = _sweep_file(tmp_path, tiny_dir, tiny_qwen_dir, name="killed")
+    path = _sweep_file(tmp_path, tiny_dir, tiny_qwen_dir, name="killed", one_teacher=True)  # 2 runs
     runs = expand(load_sweep(path))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "dalign.cli", "sweep", str(path)]
@@ -145,7 +147,10 @@ def test_sweep_resumes_after_sigkill(tmp_path, tiny_dir, tiny_qwen_dir):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     agg = json.loads((tmp_path / "runs" / "killed" / "sweep.json").read_text())
-    assert not agg["missing"] and len(agg["per_run"]) == 4
+    assert not agg["missing"] and len(agg["per_run"]) == 2
+    # the second run still got the first run's traces from the cache, even though it was killed in between
+    second = json.loads((runs[1].path / "manifest.json").read_text())["stages"]
+    assert second["teach"].get("shared_from")
     for r in runs:
         samples = pd_read(r.path / "samples.parquet")
         keys = samples[["benchmark", "prompt_id", "candidate"]]
