@@ -30,7 +30,8 @@ from dalign.data.dedup import find_contained, normalize
 
 NGRAM = 5
 # Calibrated on the shipped corpus vs the offline sets (the card lists the highest similarities found): prompts
-# written from scratch stay below 0.3, while an AdvBench behaviour with a few words changed scores 0.45-0.75.
+# written from scratch stay below 0.3; an AdvBench behaviour with a few words changed scores ~0.5-0.75 (a heavier
+# rewrite of a short one can drop to ~0.35, which only a meaning-level check would catch).
 CLOSE = 0.4
 # Inside the corpus a shared framing ("I'm a school counselor. What are the warning signs ...") on a different
 # request reaches ~0.47; a duplicate is a stricter notion than contamination.
