@@ -47,7 +47,8 @@ class ContentJudge(Judge):
         if model is None:
             from dalign.models import load_model
 
-            model, tokenizer = load_model(meta["model"])
+            # fp32 as in training: bf16 states differ by ~0.2, enough to move a linear probe.
+            model, tokenizer = load_model(meta["model"], dtype="float32")
         hidden = model.config.hidden_size
         if hidden != len(self.probe.weight):
             raise ValueError(

@@ -54,7 +54,7 @@ def dev_features(dev: pd.DataFrame, model_spec: str, layers=(LAYER,)) -> np.ndar
     path = cache_root() / "judge-features" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.npy"
     if path.exists():
         return np.load(path)
-    model, tok = load_model(model_spec)
+    model, tok = load_model(model_spec, dtype="float32")  # the judge computes its features in fp32 too
     with Progress(transient=True) as bar:
         task = bar.add_task("features", total=len(dev))
         x = pooled_states(
