@@ -170,7 +170,8 @@ def main() -> None:
     print(f"matmul peaks (2048^2): fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
 
     corpus = load_corpus()
-    rows = corpus.rename(columns={"id": "prompt_id"})[["prompt_id", "prompt", "cot", "answer"]].to_dict("records")
+    traces = corpus.rename(columns={"id": "prompt_id"})
+    rows = traces[["prompt_id", "prompt", "cot", "answer"]].to_dict("records")
     result: dict = {}
     with tempfile.TemporaryDirectory(prefix="dalign-cpu-speed-") as tmp:
         tmp = Path(tmp)
