@@ -52,6 +52,7 @@ def _config(**extra):
         },
         "report": {"bootstrap": 300, "seed": 3},
         "select": {"default_layer": 2},
+        "judge": {"judges": ["refusal", "guard"]},  # refusal is the primary judge of these tables
     }
     over.update(extra)
     return load_config(overrides=over)
@@ -302,17 +303,12 @@ def test_auroc_oriented_and_checked_by_brute_force(full):
     assert set(res["auroc"]) == {"harm", "clean", "(all safety)"}
 
 
-def test_layer_ablation_uses_selection_then_scores(full):
+def test_layer_ablation_uses_selection_only(full):
     _, _, res = full
     abl = res["ablation"]["harm"]
-    assert set(abl) == {"1", "2"}
-    assert abl["2"]["source"] == "selection"
-    assert abl["1"]["source"] == "derived from scores"
-    # Layer 1 argmin picks the lowest value = an unsafe candidate wherever one exists: all but p9? p9 has
-    # candidates S S E U: its minimum is the unsafe candidate 3, so every prompt picks an unsafe candidate.
-    assert abl["1"]["value"] == 1.0
+    # The report never re-selects: layer 1 was scored but `dalign select` wrote no latent_similarity@1 rows.
+    assert set(abl) == {"2"} and abl["2"]["source"] == "selection"
     assert abl["2"]["value"] == pytest.approx(0.1)
-    assert res["ablation"]["math"]["1"]["value"] == 0.0
 
 
 def test_judge_agreement_kappa(full):
@@ -421,15 +417,14 @@ def test_incomplete_runs_do_not_crash(tmp_path):
     assert res["safety"]["harm"]["selectors"]["single"]["value"] == pytest.approx(0.6)
     assert res["figure5"]["harm"]["asr_single"] == pytest.approx(0.6)
     assert res["auroc"] == {} and {m.split(":")[0] for m in res["missing"]} == {"scores", "selection"}
-    # Judgments and scores without samples or selection: selectors are recomputed from scores, and the
-    # calibration prompts, which can no longer be told apart, are counted with a note.
+    # Judgments and scores without samples or selection: the report never re-selects (only `single` is
+    # reported, with a note), and the calibration prompts, which can no longer be told apart, are counted.
     noselect = make_run(tmp_path / "nosel", parts=("judgments", "scores"))
     res = strict_json(Path(run_report(noselect)["results"]))
     sels = res["safety"]["harm"]["selectors"]
-    assert {"single", "kl", "latent_similarity@2"} <= set(sels)
+    assert set(sels) == {"single"}
     assert res["safety"]["harm"]["n_prompts"] == 15
-    assert sels["latent_similarity@2"]["value"] == pytest.approx(6 / 15)  # p0 and the 5 calibration prompts
-    assert any("recomputed from scores" in n for n in res["notes"])
+    assert any("selection.parquet is absent" in n for n in res["notes"])
     assert any("every row is counted" in n for n in res["notes"])
 
 
@@ -449,9 +444,9 @@ def test_lengths_compare_models_when_present(tmp_path):
 
 
 def test_unreadable_shard_is_reported_not_raised(tmp_path):
-    run = make_run(tmp_path / "bad", parts=("samples", "judgments"))
-    (run.path / "scores.parquet").mkdir()
-    (run.path / "scores.parquet" / "part-0.parquet").write_bytes(b"not parquet")
+    run = make_run(tmp_path / "bad", parts=("samples", "judgments", "scores"))
+    shard = run.store("scores").files()[0]  # a committed shard the disk then damaged
+    shard.write_bytes(b"not parquet")
     res = strict_json(Path(run_report(run)["results"]))
     assert any(m.startswith("scores: unreadable") for m in res["missing"])
     assert math.isclose(res["safety"]["harm"]["selectors"]["single"]["value"], 0.6)

@@ -186,9 +186,14 @@ def pipeline_config(root: Path, tiny_dir: Path, name: str = "run", grpo: bool = 
     import json
 
     harmful, math = root / "harmful.jsonl", root / "math.jsonl"
-    harmful.write_text("".join(json.dumps({"id": f"h{i}", "q": p}) + "\n" for i, p in enumerate(KILL_HARMFUL)))
+    harmful.write_text(
+        "".join(json.dumps({"id": f"h{i}", "q": p}) + "\n" for i, p in enumerate(KILL_HARMFUL))
+    )
     math.write_text(
-        "".join(json.dumps({"id": f"m{i}", "q": f"What is {i} plus {i}?", "a": str(2 * i)}) + "\n" for i in range(3))
+        "".join(
+            json.dumps({"id": f"m{i}", "q": f"What is {i} plus {i}?", "a": str(2 * i)}) + "\n"
+            for i in range(3)
+        )
     )
     common = {"name": "file", "path": str(harmful), "prompt_field": "q", "id_field": "id", "seed": 0}
     return {
@@ -201,13 +206,154 @@ def pipeline_config(root: Path, tiny_dir: Path, name: str = "run", grpo: bool = 
                 "learning_rate": 5e-3, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "grpo": {"enabled": grpo, "judge": "refusal", "max_steps": 1, "batch_size": 2, "num_generations": 2,
                  "max_new_tokens": 6, "learning_rate": 5e-2},
-        "sample": {"n": 3, "max_new_tokens": 12, "batch_size": 2, "datasets": [
-            {**common, "benchmark": "harm", "limit": 6},
-            {**common, "benchmark": "harm-cal", "role": "calibration", "offset": 6, "limit": 2},
+        "sample": {"n": 2, "max_new_tokens": 8, "batch_size": 4, "datasets": [
+            {**common, "benchmark": "harm", "limit": 4},
+            {**common, "benchmark": "harm-cal", "role": "calibration", "offset": 4, "limit": 2},
             {"name": "file", "path": str(math), "prompt_field": "q", "id_field": "id", "answer_field": "a",
              "benchmark": "math"},
         ]},
         "judge": {"judges": ["refusal"], "batch_size": 4},
-        "score": {"layers": "all", "batch_size": 2},
+        "score": {"layers": "all", "batch_size": 4},
         "report": {"bootstrap": 20},
     }  # fmt: skip
+
+
+def _stage_running_since(run_path: Path, stage: str, t0: float) -> bool:
+    import json
+
+    m = run_path / "manifest.json"
+    try:
+        if m.stat().st_mtime < t0:
+            return False
+        return json.loads(m.read_text()).get("stages", {}).get(stage, {}).get("status") == "running"
+    except (OSError, ValueError):
+        return False
+
+
+def kill_during_stage(
+    cmd: list[str], run_path: Path, stage: str, delay: float, timeout: float = 300.0
+) -> bool:
+    """Run `cmd`; once `stage` is marked running, wait `delay` s and SIGKILL the process group.
+
+    Returns True when the kill landed while the process ran, False when it finished first."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = t0 + timeout
+    while proc.poll() is None and not _stage_running_since(run_path, stage, t0) and time.time() < deadline:
+        time.sleep(0.02)
+    end = time.time() + delay
+    while proc.poll() is None and time.time() < end:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        return False
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def artifact_rows(run_path: Path, name: str):
+    """A comparable snapshot of one artifact: a key-sorted table, adapter tensors, or results.json sans timings."""
+    import json
+
+    from dalign.rundir import ARTIFACT_KEYS, RunDir
+
+    if name in ARTIFACT_KEYS:
+        df = RunDir(run_path).store(name).read()
+        keys = ARTIFACT_KEYS[name]
+        return df.sort_values(keys, kind="stable").reset_index(drop=True) if len(df) else df
+    if name.startswith("adapter"):
+        from safetensors.torch import load_file
+
+        return load_file(str(run_path / name / "adapter_model.safetensors"))
+    res = json.loads((run_path / "results.json").read_text())
+    for k in ("generated", "identity"):
+        res.pop(k, None)
+    for k in ("stages", "run_dir"):  # timings and where the run lives are not results
+        res.get("facts", {}).pop(k, None)
+    return res
+
+
+def compare(name: str, a, b) -> tuple[bool, int, int]:
+    """(equal, rows lost, rows duplicated) of snapshot `b` (after kills) against reference `a` of artifact `name`."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(a, pd.DataFrame):
+        from dalign.rundir import ARTIFACT_KEYS
+
+        keys = ARTIFACT_KEYS[name]
+        ka = set(map(tuple, a[keys].astype(str).to_numpy())) if len(a) else set()
+        kb = list(map(tuple, b[keys].astype(str).to_numpy())) if len(b) else []
+        lost, dup = len(ka - set(kb)), len(kb) - len(set(kb))
+        if lost or dup or len(a) != len(b) or list(a.columns) != list(b.columns):
+            return False, lost, dup
+        for col in a.columns:
+            x, y = a[col], b[col]
+            if pd.api.types.is_float_dtype(x):
+                if not np.allclose(
+                    x.to_numpy(float), y.to_numpy(float), rtol=1e-5, atol=1e-6, equal_nan=True
+                ):
+                    return False, 0, 0
+            elif [repr(v) for v in x] != [repr(v) for v in y]:
+                return False, 0, 0
+        return True, 0, 0
+    if isinstance(a, dict) and a and all(hasattr(v, "shape") for v in a.values()):
+        import torch
+
+        ok = a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+        return ok, 0, 0
+    return a == b, 0, 0
+
+
+def fresh_copy(ref: Path, dst: Path, stage: str) -> None:
+    """A copy of a finished run without `stage`'s outputs, so only that stage has work to do."""
+    import shutil
+
+    from dalign.pipeline import PIPELINE
+
+    shutil.copytree(ref, dst)
+    for out in PIPELINE[stage].outputs:
+        if out == "report":
+            for f in ("results.json", "report.md", "report.html"):
+                (dst / f).unlink(missing_ok=True)
+        else:
+            shutil.rmtree(
+                dst / (f"{out}.parquet" if (dst / f"{out}.parquet").exists() else out), ignore_errors=True
+            )
+
+
+def kill_resume_stage(ref: Path, work: Path, stage: str, delays: list[float], timeout: float = 600.0) -> dict:
+    """SIGKILL `dalign <stage> -r work` once per delay (each time it resumes what the last one left), finish it,
+    and compare its outputs with the uninterrupted run `ref`."""
+    import subprocess
+    import sys
+
+    from dalign.pipeline import PIPELINE
+
+    fresh_copy(ref, work, stage)
+    cmd = [sys.executable, "-m", "dalign.cli", stage, "-r", str(work)]
+    kills = sum(kill_during_stage(cmd, work, stage, d, timeout) for d in delays)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = {"stage": stage, "kills": kills, "rows_lost": 0, "rows_duplicated": 0, "equal": True}
+    for name in PIPELINE[stage].outputs:
+        equal, lost, dup = compare(name, artifact_rows(ref, name), artifact_rows(work, name))
+        out["equal"] &= equal
+        out["rows_lost"] += lost
+        out["rows_duplicated"] += dup
+    return out
+
+
+def stage_seconds(run_path: Path, stage: str) -> float:
+    """How long a finished stage ran (manifest start/finish), at least 1 s."""
+    import json
+    from datetime import datetime
+
+    e = json.loads((run_path / "manifest.json").read_text())["stages"][stage]
+    dt = datetime.fromisoformat(e["finished"]) - datetime.fromisoformat(e["started"])
+    return max(1.0, dt.total_seconds())

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dalign.config import STAGES, RunConfig, config_hash
-from dalign.rundir import RunDir, adapter_dir, config_changes, input_changes
+from dalign.rundir import RunDir, adapter_dir, config_changes, input_changes, row_changes
 
 MODEL_SHAPE = ("model.student", "model.system_prompt", "model.think_prefix", "model.dtype")
 JUDGE = ("judge", "-judge.batch_size")
@@ -35,6 +35,9 @@ class Stage:
     derived: bool = False  # cheap to redo: a config change redoes it without --force
     enabled: Callable[[RunConfig], bool] = lambda cfg: True
     extra: str | None = None  # "module:function(run) -> dict": identity outside config and run (file hashes)
+    rows: tuple[
+        str, ...
+    ] = ()  # config paths that only choose which rows exist: changed -> extend/prune, no --force
 
     def function(self) -> Callable[..., dict]:
         return _resolve(self.target)
@@ -51,10 +54,11 @@ PIPELINE: dict[str, Stage] = {
         Stage(
             "teach",
             "dalign.teach.stage:run_teach",
-            ("teach", "-teach.batch_size", "-teach.limit"),  # a larger limit extends the traces
+            ("teach", "-teach.batch_size", "-teach.limit"),
             (),
             ("traces",),
             extra="dalign.teach.stage:teach_files",
+            rows=("teach.limit",),  # a larger limit extends the traces
         ),
         Stage(
             "filter",
@@ -89,11 +93,11 @@ PIPELINE: dict[str, Stage] = {
         Stage(
             "sample",
             "dalign.sample.stage:run_sample",
-            # datasets and n only choose which rows exist: rows outside them are pruned, new ones added
             ("model", "-model.device", "-model.adapter", "-model.base")
             + ("sample", "-sample.batch_size", "-sample.datasets", "-sample.n"),
             ("aligned",),
             ("samples",),
+            rows=("sample.datasets", "sample.n"),  # rows outside them are pruned, new ones sampled
         ),
         Stage("judge", "dalign.judge.stage:run_judge", JUDGE, ("samples",), ("judgments",)),
         Stage(
@@ -157,6 +161,8 @@ def stage_deps(run: RunDir, stage: str) -> dict:
     """What a stage's outputs depend on: its config fields, its inputs' content hashes, and its `extra`."""
     st = PIPELINE[stage]
     deps = {"config": config_fields(run.config, st.config), "inputs": {i: run.content(i) for i in st.inputs}}
+    if st.rows:
+        deps["rows"] = config_fields(run.config, st.rows)
     if st.extra:
         deps["extra"] = _resolve(st.extra)(run)
     return deps
@@ -204,9 +210,10 @@ def plan(run: RunDir, stages: list[str]) -> list[tuple[str, str, str]]:
                 action, why = "rerun", "made without a recorded identity (an older dalign or by hand)"
             elif keys := config_changes(rec.get("deps") or {}, deps):
                 action, why = ("update" if st.derived else "rerun"), "config changed: " + ", ".join(keys)
+            elif changed := input_changes(rec.get("deps") or {}, deps):
+                action, why = "update", "input changed: " + ", ".join(changed)
             else:
-                changed = input_changes(rec.get("deps") or {}, deps)
-                action, why = "update", "input changed: " + ", ".join(changed or ["?"])
+                action, why = "update", "rows requested changed: " + ", ".join(row_changes(rec["deps"], deps))
         out.append((name, action, why))
         if action != "reuse":
             changing.update({o: name for o in st.outputs})

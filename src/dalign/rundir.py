@@ -418,7 +418,10 @@ class RunDir:
             rec = art.record()
             if rec is None or (rec.get("key") == key and not force):
                 continue
-            changed = config_changes(rec.get("deps") or {}, deps)
+            old = rec.get("deps") or {}
+            changed = config_changes(old, deps)
+            if not force and not changed and rec.get("key") and not input_changes(old, deps):
+                continue  # only the requested rows changed (e.g. sample.n): the stage prunes and extends itself
             if changed and not force and not st.derived:
                 raise StageMismatch(
                     f"{self.path}: the {stage!r} artifact {out!r} was made under another config; differing keys: "
@@ -428,7 +431,9 @@ class RunDir:
         for out in st.outputs:  # the full config rides along (not in the key) so the report can describe it
             self._writing[out] = {"key": key, "deps": deps, "config": self.config.model_dump(mode="json")}
             art = self.artifact(out)
-            if isinstance(art, ShardStore):  # the identity goes on disk now, so any worker process appends under it
+            if isinstance(
+                art, ShardStore
+            ):  # the identity goes on disk now, so any worker process appends under it
                 art.begin()
         atomic_write_text(self.path / "config.yaml", to_yaml(self.config))
         self._update(stage, status="running", key=key, started=_now(), versions=_versions())
@@ -473,6 +478,11 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 def input_changes(old: dict, new: dict) -> list[str]:
     return sorted({k.split(".")[1] for k in diff_keys(old, new) if k.startswith(("inputs.", "extra."))})
+
+
+def row_changes(old: dict, new: dict) -> list[str]:
+    """Config keys that only choose which rows exist (a stage extends or prunes its table for them)."""
+    return [k.removeprefix("rows.") for k in diff_keys(old, new) if k.startswith("rows.")]
 
 
 def _versions() -> dict[str, str]:
