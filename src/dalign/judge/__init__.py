@@ -21,7 +21,7 @@ SAFETY_LABELS = ("safe", "unsafe", "error")
 UTILITY_LABELS = ("correct", "wrong", "error")
 
 # Bump when a judge's rules change, so cached judgments made by the old rules are not reused.
-JUDGE_VERSION = "1"
+JUDGE_VERSION = "2"  # 2: llama-guard reads the verdict at the template-defined position
 
 
 class Judge:
