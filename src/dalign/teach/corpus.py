@@ -151,8 +151,7 @@ def distinct_n(texts: pd.Series, n: int) -> float:
 
 def length_histogram(texts: pd.Series, edges: list[int]) -> dict[str, int]:
     """Counts of texts per word-count bin, e.g. {'<=10': 3, '11-20': 5, ..., '>160': 0}."""
-    lows = [0, *edges]
-    labels = [f"<={edges[0]}"] + [f"{lo + 1}-{hi}" for lo, hi in zip(lows[1:], edges[1:], strict=False)]
+    labels = [f"<={edges[0]}"] + [f"{lo + 1}-{hi}" for lo, hi in zip(edges, edges[1:], strict=False)]
     counts = dict.fromkeys([*labels, f">{edges[-1]}"], 0)
     keys = list(counts)
     for n in texts.str.split().str.len():
