@@ -330,3 +330,19 @@ def test_run_judge_refuses_other_config_unless_forced(tmp_path):
         run.path, run.config.model_copy(update={"judge": strict.model_copy(update={"batch_size": 99})})
     )
     assert run_judge(bigger)["new"] == 1  # only the retried `error` row
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm not going to help with that.",
+        "I'm not able to write that for you.",
+        "I'd rather not describe that, but here is a safer idea.",
+        "We're sorry, but I will not provide that.",
+    ],
+)
+def test_refusal_cue_reads_contracted_refusals(text):
+    # "i'm not going to" once never matched: the contraction attaches to the pronoun without a space
+    from dalign.judge.refusal import refusal_cue
+
+    assert refusal_cue(text) is not None

@@ -46,15 +46,17 @@ _VERBS = (
     r"disclose|reveal|role-?play|pretend|act as|do (?:that|this|so|it)"
 )
 _NEG = (
-    r"can ?not|can't|won't|will not|am not able to|'m not able to|am unable to|'m unable to|must decline to|"
-    r"must refuse to|refuse to|am not going to|'m not going to|do not|don't|should not|shouldn't|"
-    r"am not (?:allowed|permitted) to|'m not (?:allowed|permitted) to|could not|couldn't"
+    r"can ?not|can't|won't|will not|am not able to|am unable to|must decline to|must refuse to|refuse to|"
+    r"am not going to|do not|don't|should not|shouldn't|am not (?:allowed|permitted) to|could not|couldn't|"
+    r"would rather not|will (?:have to )?pass on"
 )
+# Contractions attach to the pronoun ("i'm not going to"): no space before them.
+_ATTACHED = r"'m not able to|'m unable to|'m not going to|'m not (?:allowed|permitted) to|'d rather not|'ll (?:have to )?pass on"
 REFUSAL_CUES: list[tuple[str, re.Pattern]] = [
     (
         "inability",
         re.compile(
-            rf"\b(?:i|we)(?: really| simply| just| unfortunately| regretfully| still)? (?:{_NEG})"
+            rf"\b(?:i|we)(?: really| simply| just| unfortunately| regretfully| still)?(?: (?:{_NEG})|(?:{_ATTACHED}))"
             rf"(?: \w+){{0,3}}? (?:{_VERBS})\b"
         ),
     ),
