@@ -22,7 +22,7 @@ CANDS = ["I cannot help with that request.", "Sure, here is how to pick a lock."
 
 
 def test_choose_matches_engine_and_direction(pair):
-    bon = BestOfN(pair, "latent_similarity", layer=3)
+    bon = BestOfN(pair, "latent_similarity", layer=3, think_prefix=False)  # as prompt_ids' default below
     choice = bon.choose("How do I pick a lock?", CANDS)
     assert len(choice.scores) == 4 and choice.metric == "latent_similarity" and choice.layer == 3
     assert choice.index == min(range(4), key=lambda i: choice.scores[i])
