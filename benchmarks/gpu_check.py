@@ -70,6 +70,10 @@ def build(shape: dict, device: str, dtype: torch.dtype):
     return model
 
 
+def log(msg: str) -> None:
+    print(f"[gpu_check] {msg}", file=sys.stderr, flush=True)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -121,6 +125,8 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run `benchmarks/gpu_check.sh --device cpu` for the smoke run")
     shape = QWEN_1_5B if cuda else SMOKE
+    if not cuda:  # smoke: the code path, not the numbers
+        args.prompts, args.n, args.prompt_len, args.max_new_tokens, args.sft_len = 2, 2, 32, 16, 64
     dtype = torch.bfloat16 if cuda else torch.float32
     res: dict = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -140,6 +146,7 @@ def main() -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
+    log(f"built {res['params_b']}B params in {res['build_s']} s")
     # sample: every candidate with its own seed, one batch
     sync(args.device)
     t0 = time.perf_counter()
@@ -149,6 +156,7 @@ def main() -> None:
     new = sum(len(x.token_ids) for x in gens)
     res["sample"] = {"candidates": len(work), "new_tokens": new, "tokens_per_s": round(new / wall, 1)}
 
+    log(f"sampled: {res['sample']}")
     # score: aligned (LoRA) vs base (adapter off), all four metrics at layer 12
     from peft import LoraConfig, get_peft_model
 
@@ -166,6 +174,7 @@ def main() -> None:
     sync(args.device)
     res["score"] = {"rows": len(rows), "rows_per_s": round(len(rows) / (time.perf_counter() - t0), 2)}
 
+    log(f"scored: {res['score']}")
     # SFT: a few LoRA optimizer steps (weights bf16 on GPU, LoRA params fp32 under autocast)
     peft.train()
     for p in peft.parameters():
@@ -192,6 +201,7 @@ def main() -> None:
         "tokens_per_s": round(args.sft_steps * batch.numel() / wall, 1),
         "loss": losses,
     }
+    log(f"trained: {res['sft']}")
     res["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
     del peft, model, pair, engine, opt
     res["cpu_vs_device_max_abs_diff"] = agreement(args.device)

@@ -8,8 +8,9 @@ What `transformers serve` (transformers 5.24) honours, read from its handlers an
 - `n`, `logprobs`, `top_logprobs`, `best_of`, `echo` are accepted and ignored (a warning in the server log):
   one choice per request and no token ids; recover them by re-tokenising the text.
 - `temperature`, `top_p`, `max_tokens`, `stop` and `frequency_penalty` (as repetition_penalty = 1 + value) map to
-  generate(); `generation_config` (a JSON string of GenerationConfig fields) replaces the model's defaults, e.g.
-  `{"do_sample": true}` (the model's own generation_config decides do_sample otherwise).
+  generate(); `generation_config` (a JSON string of GenerationConfig fields) REPLACES the model's defaults, e.g.
+  `{"do_sample": true, "eos_token_id": 2}` (without eos_token_id it never stops early; without the field the
+  model's own generation_config decides do_sample, and temperature is ignored when that is off).
 - The text is decoded with skip_special_tokens=True; finish_reason is "length" when max_tokens was reached, else
   "stop". Unknown top-level fields are refused with HTTP 422.
 

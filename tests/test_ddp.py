@@ -24,15 +24,16 @@ from dalign.train.sft import train_sft
 student, dest, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 rows = [
     {"prompt_id": f"p{i}", "prompt": f"How do I pick lock number {i}?",
-     "cot": "policy section 5.1 says refuse " * (1 + i % 3), "answer": "I cannot help with that."}
+     "cot": "policy section 5.1 says refuse " * (1 + i % 2), "answer": "I cannot help with that."}
     for i in range(8)
 ]
 cfg = SFTConfig(
     lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-    learning_rate=5e-3, effective_batch_size=batch, per_device_batch_size=2, max_steps=2, max_length=128,
+    learning_rate=5e-3, effective_batch_size=batch, per_device_batch_size=2, max_steps=2, max_length=512,
 )
 card = train_sft(student, rows, dest, cfg, ModelConfig(student=student, think_prefix=False), progress=False)
-print("STEPS", card["hyperparameters"]["optimizer_steps"], "WORLD", card["hyperparameters"]["world_size"])
+print("STEPS", card["hyperparameters"]["optimizer_steps"], "WORLD", card["hyperparameters"]["world_size"],
+      "EXAMPLES", card["data"]["n_examples"])
 print("LOSS", json.dumps([x["loss"] for x in card["loss"]]))
 """
 
@@ -76,7 +77,8 @@ def test_two_process_ddp_equals_one_process_same_global_batch(tmp_path, tiny_dir
     one = _train([sys.executable, str(script), student, str(tmp_path / "one"), "4"], tmp_path)
     # the same two steps with global batch 2: what a DDP that did not average gradients would resemble
     _train([sys.executable, str(script), student, str(tmp_path / "half"), "2"], tmp_path)
-    assert "STEPS 2 WORLD 2" in ddp and "STEPS 2 WORLD 1" in one
+    # every example fits: each step sees 4 whole examples in both runs (an uneven split would differ honestly)
+    assert "STEPS 2 WORLD 2 EXAMPLES 8" in ddp and "STEPS 2 WORLD 1 EXAMPLES 8" in one
     assert _losses(ddp)[0] == _losses(one)[0]  # same initial weights and the same first global batch
     a, b, c = (_weights(tmp_path / d) for d in ("ddp", "one", "half"))
     assert a.keys() == b.keys() == c.keys() and a

@@ -15,7 +15,6 @@ from dalign.sample.openai_backend import ServerTokenIdsError, server_token_ids
 from dalign.sample.stage import run_sample
 
 KEYS = ["benchmark", "prompt_id", "candidate"]
-DO_SAMPLE = {"generation_config": json.dumps({"do_sample": True})}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def prompts(tmp_path_factory):
     return path
 
 
-def _cfg(root, name, tiny_dir, prompts, backend="openai", n=2, temperature=0.0, **openai):
+def _cfg(root, name, tiny_dir, prompts, backend="openai", n=2, temperature=0.0, max_new_tokens=12, **openai):
     return load_config(
         overrides={
             "runs_dir": str(root),
@@ -47,7 +46,7 @@ def _cfg(root, name, tiny_dir, prompts, backend="openai", n=2, temperature=0.0, 
                 ],
                 "n": n,
                 "temperature": temperature,
-                "max_new_tokens": 12,
+                "max_new_tokens": max_new_tokens,
                 "batch_size": 4,
             },
         }
@@ -95,19 +94,33 @@ def test_greedy_through_server_equals_local_generate(server, tmp_path, tiny_dir,
 
 
 def test_seeded_candidates_resume_to_the_same_samples(server, tmp_path, tiny_dir, prompts):
-    common = dict(base_url=server.base_url, model=server.model, max_concurrency=1, extra_body=DO_SAMPLE)
-    grown = RunDir.for_config(_cfg(tmp_path, "grown", tiny_dir, prompts, n=2, temperature=1.0, **common))
+    tok = load_tokenizer(f"hf:{tiny_dir}")
+    # transformers serve: generation_config replaces the model's defaults, so it must name the stop token too
+    sampling = {"generation_config": json.dumps({"do_sample": True, "eos_token_id": tok.eos_token_id})}
+    common = dict(base_url=server.base_url, model=server.model, max_concurrency=1, extra_body=sampling)
+    grown = RunDir.for_config(
+        _cfg(tmp_path, "grown", tiny_dir, prompts, n=2, temperature=5.0, max_new_tokens=40, **common)
+    )
     run_sample(grown)
     first = _read(grown)
-    grown = RunDir.for_config(_cfg(tmp_path, "grown", tiny_dir, prompts, n=4, temperature=1.0, **common))
+    grown = RunDir.for_config(
+        _cfg(tmp_path, "grown", tiny_dir, prompts, n=4, temperature=5.0, max_new_tokens=40, **common)
+    )
     assert run_sample(grown)["new"] == 12  # only the missing candidates were requested
-    fresh = RunDir.for_config(_cfg(tmp_path, "fresh", tiny_dir, prompts, n=4, temperature=1.0, **common))
+    fresh = RunDir.for_config(
+        _cfg(tmp_path, "fresh", tiny_dir, prompts, n=4, temperature=5.0, max_new_tokens=40, **common)
+    )
     run_sample(fresh)
     a, b = _read(grown), _read(fresh)
     assert len(a) == 24 and a["response"].tolist() == b["response"].tolist()
     assert a[a["candidate"] < 2]["response"].tolist() == first["response"].tolist()
     # per-candidate seeds: candidates of one prompt differ
     assert (a.groupby("prompt_id")["response"].nunique() > 1).all()
+    # re-tokenised ids end with the stop token the server's text omits, as HF sampling keeps it
+    stopped = a[a["finish_reason"] == "stop"]
+    assert len(stopped) > 0
+    for r in stopped.itertuples():
+        assert list(r.token_ids) == tok.encode(r.response, add_special_tokens=False) + [tok.eos_token_id]
 
 
 def test_unreachable_server_is_a_clear_error_and_writes_nothing(tmp_path, tiny_dir, prompts):

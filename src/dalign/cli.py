@@ -35,8 +35,26 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override, e.g. --set sample.n=4 (repeatable).")
 ]
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Delete and redo artifacts made under another config.")
+    bool,
+    typer.Option(
+        "--force", help="Delete this stage's artifacts and redo them (only after the config is validated)."
+    ),
 ]
+
+BackendOpt = Annotated[
+    str | None,
+    typer.Option("--backend", help="sample/score: local (this process) or ray (execution.backend)."),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option("--address", help="With --backend ray: local (start Ray here), auto (join) or host:port."),
+]
+
+
+def _execution(backend: str | None, address: str | None) -> list[str]:
+    """--backend/--address as config overrides of the `execution` section."""
+    return [f"execution.{k}={v}" for k, v in (("backend", backend), ("address", address)) if v is not None]
+
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -60,17 +78,24 @@ def resolve_config_path(config: Path | None) -> Path | None:
     raise ConfigError(f"config file {config} does not exist (packaged configs: {known})")
 
 
-def _open_run(config: Path | None, run_dir: Path | None, overrides: list[str] | None):
+def _load_run_config(config: Path | None, run_dir: Path | None, overrides: list[str] | None):
+    """The config a stage verb runs with: --config, else the run's config.yaml (`-r` must be a run), + --set."""
     from dalign.rundir import RunDir
 
     path = resolve_config_path(config)
     extra: list[str] = list(overrides or [])
     if run_dir is not None:
-        if path is None and (run_dir / "config.yaml").exists():
-            path = run_dir / "config.yaml"
+        if path is None:
+            path = RunDir.existing(run_dir) / "config.yaml"
         extra = [f"runs_dir={run_dir.parent}", f"name={run_dir.name}", *extra]
-    cfg = load_config(path, extra)
-    return RunDir.for_config(cfg)
+    return load_config(path, extra)
+
+
+def _open_run(config: Path | None, run_dir: Path | None, overrides: list[str] | None):
+    """A RunDir for a stage verb; nothing is written here (the stage's `begin` writes, after validating)."""
+    from dalign.rundir import RunDir
+
+    return RunDir.for_config(_load_run_config(config, run_dir, overrides))
 
 
 def _fail(e: Exception) -> None:
@@ -90,7 +115,7 @@ def _stage(name: str, config, run_dir, overrides, force) -> None:
     console.print(f"[green]{name}[/] done in {run.path}: {result}")
 
 
-def _add_stage_verb(name: str, doc: str) -> None:
+def _add_stage_verb(name: str, doc: str, scalable: bool = False) -> None:
     def verb(
         config: ConfigOpt = None,
         run_dir: RunDirOpt = None,
@@ -99,8 +124,19 @@ def _add_stage_verb(name: str, doc: str) -> None:
     ) -> None:
         _stage(name, config, run_dir, set_, force)
 
-    verb.__doc__ = doc
-    app.command(name)(verb)
+    def scaled(
+        config: ConfigOpt = None,
+        run_dir: RunDirOpt = None,
+        set_: SetOpt = None,
+        force: ForceOpt = False,
+        backend: BackendOpt = None,
+        address: AddressOpt = None,
+    ) -> None:
+        _stage(name, config, run_dir, [*(set_ or []), *_execution(backend, address)], force)
+
+    fn = scaled if scalable else verb
+    fn.__doc__ = doc
+    app.command(name)(fn)
 
 
 _add_stage_verb("teach", "Teacher traces under the safety spec (teach.teacher: corpus, hf:..., openai:...).")
@@ -108,7 +144,9 @@ _add_stage_verb("filter", "Guard-filter the traces: keep those the judge labels 
 _add_stage_verb("sft", "LoRA SFT of the student on prompt -> <think>CoT</think> answer.")
 _add_stage_verb("grpo", "GRPO from the SFT adapter with the judge's safety label as reward.")
 _add_stage_verb(
-    "score", "Selection metrics (latent similarity, KL, perplexity, self-certainty, random) per candidate."
+    "score",
+    "Selection metrics (latent similarity, KL, perplexity, self-certainty, random) per candidate.",
+    scalable=True,
 )
 _add_stage_verb("select", "Pick one candidate per prompt for every selector; calibrate the latent layer.")
 
@@ -172,17 +210,36 @@ def sample(
     force: ForceOpt = False,
     dataset: Annotated[
         list[str] | None,
-        typer.Option("--dataset", "-d", help="Dataset to sample (repeatable); replaces config's."),
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="Dataset to sample (repeatable); added to the run's datasets (an entry of the same name is "
+            "replaced, calibration splits stay).",
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Prompts per --dataset.")] = None,
     n: Annotated[int | None, typer.Option("-n", help="Candidates per prompt.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget per candidate.")] = None,
+    backend: BackendOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """N candidates per benchmark prompt (seeded per candidate, resumable)."""
-    extra = list(set_ or [])
+    import json
+
+    from dalign.config import DatasetRef
+
+    extra = [*(set_ or []), *_execution(backend, address)]
+    if limit is not None and not dataset:
+        _fail(ValueError("--limit is per --dataset: give -d NAME too (e.g. -d advbench --limit 10)"))
     if dataset:
-        refs = ", ".join(f"{{name: {d}, limit: {limit if limit is not None else 'null'}}}" for d in dataset)
-        extra.append(f"sample.datasets=[{refs}]")
+        try:
+            base = _load_run_config(config, run_dir, extra).sample.datasets
+            new = [DatasetRef(name=d, limit=limit) for d in dataset]
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            _fail(e)
+        refs = [r for r in base if r.label not in {d.label for d in new}] + new
+        dumped = [r.model_dump(mode="json", exclude_defaults=True) for r in refs]
+        extra.append(f"sample.datasets={json.dumps(dumped)}")
     if n is not None:
         extra.append(f"sample.n={n}")
     if max_new_tokens is not None:
@@ -200,13 +257,10 @@ def judge(
         str | None,
         typer.Option("--judge", "-j", help="Safety judge(s), comma-separated; the first is primary."),
     ] = None,
-    backend: BackendOpt = None,
-    address: AddressOpt = None,
 ) -> None:
     """Label every candidate (safety judges for harmful sets, checkers for utility sets)."""
     names = [n.strip() for n in (judge_name or "").split(",") if n.strip()]
-    extra = [*(set_ or []), *_execution(backend, address)]
-    extra += [f"judge.judges=[{','.join(names)}]"] if names else []
+    extra = list(set_ or []) + ([f"judge.judges=[{','.join(names)}]"] if names else [])
     _stage("judge", config, run_dir, extra, force)
 
 
@@ -254,19 +308,86 @@ def run(
         bool, typer.Option("--print-config", help="Print the resolved config and exit.")
     ] = False,
     force: ForceOpt = False,
+    backend: BackendOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Run the config's stages in order, reusing finished ones and resuming interrupted ones."""
     from dalign.runner import run_pipeline
 
     _quiet_libraries()
     try:
-        cfg = load_config(resolve_config_path(config), set_)
+        cfg = load_config(resolve_config_path(config), [*(set_ or []), *_execution(backend, address)])
         if print_config:
             console.print(to_yaml(cfg), markup=False, highlight=False)
             return
         run_pipeline(cfg, from_=from_, only=only, dry_run=dry_run, force=force, console=console)
     except (ConfigError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError, KeyError) as e:
         _fail(e)
+
+
+@app.command("sweep")
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep YAML: base config, overrides and a grid of keys.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the runs and what they share; change nothing.")
+    ] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Run a grid of runs (e.g. teachers x students x seeds) that share equal stages, then aggregate them."""
+    from dalign.sweep import load_sweep, run_sweep
+
+    _quiet_libraries()
+    try:
+        run_sweep(load_sweep(sweep_file), dry_run=dry_run, force=force, console=console)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        _fail(e)
+
+
+@app.command("export")
+def export(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="Adapter dir; default: the run's aligned adapter (GRPO, else SFT).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where --merged writes the checkpoint.")
+    ] = None,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Write student + adapter as one full checkpoint for any server.")
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="Weights dtype of the merged checkpoint.")] = "float32",
+) -> None:
+    """Serve the aligned model elsewhere: check the adapter against vLLM's rules, or --merged into a checkpoint."""
+    from dalign.models.export import export_merged, vllm_problems
+    from dalign.rundir import adapter_dir
+
+    _quiet_libraries()
+    try:
+        cfg = _load_run_config(config, run_dir, set_)
+        if adapter is None:
+            from dalign.rundir import RunDir
+
+            adapter = adapter_dir(RunDir(cfg.run_dir, cfg))
+        if adapter is None:
+            raise FileNotFoundError("no adapter: give --adapter DIR or a run (-r) that has trained one")
+        problems = vllm_problems(adapter)
+        if merged:
+            if out is None:
+                raise ValueError("--merged needs --out DIR for the checkpoint")
+            export_merged(cfg.model, adapter, out, dtype)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        _fail(e)
+    student = cfg.model.student
+    if problems:
+        console.print(f"vLLM cannot load {adapter} as is: " + "; ".join(problems))
+    else:
+        console.print(
+            f"vLLM loads it as is: vllm serve <{student}> --enable-lora --lora-modules aligned={adapter}"
+        )
+    if merged:
+        console.print(f"wrote {out}: vllm serve {out}  (or: transformers serve {out})")
 
 
 @app.command("quickstart")

@@ -71,7 +71,7 @@ class DatasetRef(Section):
     role: Literal["eval", "calibration"] = Field(
         "eval", description="calibration rows choose the latent layer; they never enter the reported numbers."
     )
-    limit: int | None = Field(None, description="Keep this many prompts after shuffling (null = all).")
+    limit: int | None = Field(None, ge=1, description="Keep this many prompts after shuffling (null = all).")
     offset: int = Field(0, description="Skip this many shuffled prompts first (makes disjoint splits).")
     seed: int = Field(0, description="Shuffle seed for limit/offset.")
     prompt_field: str | None = Field(None, description="Column holding the prompt (name='file').")
@@ -100,9 +100,9 @@ class TeachConfig(Section):
     )
     spec: str | None = Field(None, description="Safety spec YAML; default: the packaged spec.")
     limit: int | None = Field(None, description="Use only this many prompts.")
-    max_new_tokens: int = Field(2048, description="Teacher generation budget.")
+    max_new_tokens: int = Field(2048, ge=1, description="Teacher generation budget.")
     temperature: float = Field(0.6, description="Teacher sampling temperature.")
-    batch_size: int = Field(8, description="Prompts per teacher batch (HF teacher) or concurrent requests.")
+    batch_size: int = Field(8, ge=1, description="Prompts per teacher batch (HF teacher) or concurrent requests.")
 
 
 class FilterConfig(Section):
@@ -125,8 +125,8 @@ class SFTConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     learning_rate: float = Field(1.41e-5, description="AdamW learning rate (paper: 1.41e-5).")
     epochs: float = Field(3.0, description="Training epochs.")
-    effective_batch_size: int = Field(16, description="Per-device batch x grad accumulation x devices.")
-    per_device_batch_size: int = Field(4, description="Micro-batch size.")
+    effective_batch_size: int = Field(16, ge=1, description="Per-device batch x grad accumulation x devices.")
+    per_device_batch_size: int = Field(4, ge=1, description="Micro-batch size.")
     max_length: int = Field(2048, description="Truncate training sequences to this many tokens.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = run all epochs).")
     seed: int = Field(0, description="Training seed.")
@@ -137,22 +137,60 @@ class GRPOConfig(Section):
     judge: str = Field("content", description="Reward judge: 1 if it labels the answer safe, else 0.")
     learning_rate: float = Field(1.41e-5, description="Learning rate.")
     epochs: float = Field(1.0, description="Epochs over the prompts.")
-    batch_size: int = Field(256, description="Prompts x generations per optimizer step (paper: 256).")
+    batch_size: int = Field(256, ge=1, description="Prompts x generations per optimizer step (paper: 256).")
     num_generations: int = Field(8, description="Group size: completions per prompt.")
     beta: float = Field(0.0, description="KL coefficient (paper: 0).")
-    max_new_tokens: int = Field(512, description="Completion budget during GRPO.")
+    max_new_tokens: int = Field(512, ge=1, description="Completion budget during GRPO.")
     max_steps: int = Field(-1, description="Stop after this many steps (-1 = all).")
     seed: int = Field(0, description="Training seed.")
 
 
+class OpenAISampleConfig(Section):
+    """`sample.backend: openai`: candidates from an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve)."""
+
+    base_url: str | None = Field(
+        None, description="Server URL, e.g. http://127.0.0.1:8000/v1; default: $DALIGN_OPENAI_BASE_URL."
+    )
+    model: str | None = Field(
+        None, description="Model name the server knows (vLLM: the --lora-modules name, e.g. aligned)."
+    )
+    api_key_env: str = Field("DALIGN_OPENAI_API_KEY", description="Environment variable holding the API key.")
+    max_concurrency: int = Field(
+        8, ge=1, description="Requests in flight (transformers serve: 1, else its global seed is shared)."
+    )
+    prompt_token_ids: bool = Field(
+        False,
+        description="Send the prompt as token ids (vLLM, SGLang) instead of the chat-formatted text, so the "
+        "server cannot re-tokenise it differently (e.g. add a second BOS).",
+    )
+    server_token_ids: bool = Field(
+        False,
+        description="Ask for the generated token ids (vLLM/SGLang: logprobs + return_tokens_as_token_ids); "
+        "off: ids are re-tokenised from the text and samples.token_ids_source says so.",
+    )
+    extra_body: dict = Field(
+        default_factory=dict,
+        description="Extra request fields, e.g. for transformers serve "
+        "{generation_config: '{\"do_sample\": true, \"eos_token_id\": 2}'} (it replaces the model's defaults).",
+    )
+    timeout_s: float = Field(600.0, gt=0, description="Per-request timeout (the SDK retries with backoff).")
+    max_retries: int = Field(4, ge=0, description="Retries of connection errors, 408/429 and 5xx.")
+
+
 class SampleConfig(Section):
+    backend: Literal["hf", "openai"] = Field(
+        "hf", description="hf: HF generate with per-candidate seeds (exact); openai: an inference server."
+    )
+    openai: OpenAISampleConfig = Field(
+        default_factory=OpenAISampleConfig, description="Server settings for backend: openai."
+    )
     datasets: list[DatasetRef] = Field(default_factory=list, description="Benchmarks to sample on.")
     n: int = Field(8, description="Candidates per prompt (paper: 8).")
     temperature: float = Field(0.7, description="Sampling temperature (paper: 0.7); 0 = greedy.")
     top_p: float = Field(1.0, description="Nucleus sampling mass (paper: 1.0).")
     repetition_penalty: float = Field(1.0, description="Repetition penalty (paper: 1.0).")
-    max_new_tokens: int = Field(256, description="Generation budget per candidate (paper: 2048).")
-    batch_size: int = Field(32, description="Sequences per generation batch.")
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget per candidate (paper: 2048).")
+    batch_size: int = Field(32, ge=1, description="Sequences per generation batch.")
     seed: int = Field(0, description="Base seed; each (benchmark, prompt, candidate) derives its own.")
     capture_layers: list[int] = Field(
         default_factory=list,
@@ -236,7 +274,7 @@ class ScoreConfig(Section):
         default_factory=lambda: [12],
         description="Layers for latent_similarity; 'all' = every layer 1..L (hidden_states convention).",
     )
-    batch_size: int = Field(16, description="Sequences per scoring batch.")
+    batch_size: int = Field(16, ge=1, description="Sequences per scoring batch.")
     retokenize: bool = Field(False, description="Re-tokenize decoded text as the paper's code does.")
     share_prompt: bool = Field(
         True,
@@ -259,51 +297,6 @@ class SelectConfig(Section):
 class ReportConfig(Section):
     bootstrap: int = Field(1000, description="Bootstrap resamples for 95 % CIs.")
     seed: int = Field(0, description="Bootstrap seed.")
-
-
-class ServeConfig(Section):
-    """`dalign serve`: the Best-of-N guard behind an OpenAI-compatible API (model settings come from `model`)."""
-
-    host: str = Field(
-        "127.0.0.1",
-        description="Bind address; anything but loopback needs API keys (the server refuses otherwise).",
-    )
-    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
-    model_name: str = Field(
-        "dalign-guard", description="Model id clients send as `model` and /v1/models lists."
-    )
-    metric: str = Field(
-        "latent_similarity", description="Selection metric (`dalign score --help` lists them)."
-    )
-    layer: int = Field(12, ge=1, description="Layer of per-layer metrics; requests may set bon.layer.")
-    n: int = Field(8, ge=1, description="Candidates per request unless it sets bon.n (paper: 8).")
-    max_candidates: int = Field(16, ge=1, description="Largest bon.n a request may ask for.")
-    temperature: float = Field(0.7, ge=0, description="Default sampling temperature (paper: 0.7).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Default nucleus sampling mass.")
-    max_tokens: int = Field(256, ge=1, description="Default completion budget per candidate.")
-    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
-    max_request_tokens: int = Field(
-        65536, ge=1, description="Per-request budget: candidates x (prompt + max_tokens) tokens, else 400."
-    )
-    max_messages: int = Field(256, ge=1, description="Most messages in one conversation.")
-    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body, else 413.")
-    max_batch: int = Field(64, ge=1, description="Most candidates sampled and scored together.")
-    max_wait_ms: float = Field(
-        10.0, ge=0, description="How long the first queued request waits for others to join its batch."
-    )
-    max_queue: int = Field(
-        64, ge=1, description="Requests waiting for a batch; beyond it the server answers 429."
-    )
-    score_batch_size: int = Field(64, ge=1, description="Rows per scoring forward pass.")
-    api_keys: list[str] = Field(
-        default_factory=list, description="Accepted Bearer keys (prefer api_keys_env: configs get shared)."
-    )
-    api_keys_env: str = Field(
-        "DALIGN_SERVE_API_KEYS", description="Environment variable with more accepted keys, comma-separated."
-    )
-    shutdown_timeout_s: float = Field(
-        30.0, ge=0, description="On SIGTERM/Ctrl-C, how long running requests may take to finish."
-    )
 
 
 class AttackConfig(Section):
@@ -363,6 +356,66 @@ class AttackConfig(Section):
     seed: int = Field(0, description="Base seed; attacker and target seeds do not depend on the target.")
 
 
+class ServeConfig(Section):
+    """`dalign serve`: the Best-of-N guard behind an OpenAI-compatible API (model settings come from `model`)."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address; anything but loopback needs API keys (the server refuses otherwise).",
+    )
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
+    model_name: str = Field(
+        "dalign-guard", description="Model id clients send as `model` and /v1/models lists."
+    )
+    metric: str = Field(
+        "latent_similarity", description="Selection metric (`dalign score --help` lists them)."
+    )
+    layer: int = Field(12, ge=1, description="Layer of per-layer metrics; requests may set bon.layer.")
+    n: int = Field(8, ge=1, description="Candidates per request unless it sets bon.n (paper: 8).")
+    max_candidates: int = Field(16, ge=1, description="Largest bon.n a request may ask for.")
+    temperature: float = Field(0.7, ge=0, description="Default sampling temperature (paper: 0.7).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Default nucleus sampling mass.")
+    max_tokens: int = Field(256, ge=1, description="Default completion budget per candidate.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_request_tokens: int = Field(
+        65536, ge=1, description="Per-request budget: candidates x (prompt + max_tokens) tokens, else 400."
+    )
+    max_messages: int = Field(256, ge=1, description="Most messages in one conversation.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body, else 413.")
+    max_batch: int = Field(64, ge=1, description="Most candidates sampled and scored together.")
+    max_wait_ms: float = Field(
+        10.0, ge=0, description="How long the first queued request waits for others to join its batch."
+    )
+    max_queue: int = Field(
+        64, ge=1, description="Requests waiting for a batch; beyond it the server answers 429."
+    )
+    score_batch_size: int = Field(64, ge=1, description="Rows per scoring forward pass.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted Bearer keys (prefer api_keys_env: configs get shared)."
+    )
+    api_keys_env: str = Field(
+        "DALIGN_SERVE_API_KEYS", description="Environment variable with more accepted keys, comma-separated."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM/Ctrl-C, how long running requests may take to finish."
+    )
+
+
+class ExecutionConfig(Section):
+    """Where the sample and score stages run; results do not depend on it (README "Scaling up")."""
+
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local: this process; ray: Ray Data actors, each loading the model once."
+    )
+    address: str = Field(
+        "local",
+        description="ray: 'local' starts Ray on this machine, 'auto' joins the running cluster, or host:port.",
+    )
+    workers: int = Field(2, ge=1, description="ray: actors per stage (the model is loaded once per actor).")
+    num_cpus: float = Field(1.0, gt=0, description="ray: CPUs per actor (also its torch threads).")
+    num_gpus: float = Field(0.0, ge=0, description="ray: GPUs per actor (1 on a GPU node, 0.5 to pack two).")
+
+
 class RunConfig(Section):
     name: str = Field("run", description="Run name; the run directory is <runs_dir>/<name>.")
     runs_dir: str = Field("runs", description="Where run directories live.")
@@ -379,8 +432,11 @@ class RunConfig(Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Selection metrics.")
     select: SelectConfig = Field(default_factory=SelectConfig, description="Selectors and layer calibration.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Report settings.")
-    attack: AttackConfig = Field(default_factory=AttackConfig, description="PAIR adaptive attacks.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The guard as an OpenAI server.")
+    attack: AttackConfig = Field(default_factory=AttackConfig, description="PAIR adaptive attacks.")
+    execution: ExecutionConfig = Field(
+        default_factory=ExecutionConfig, description="Local or Ray execution of model stages."
+    )
 
     @field_validator("stages")
     @classmethod

@@ -25,9 +25,16 @@ from dalign.rundir import RunDir
 
 
 class Worker(Protocol):
-    """Built once per process (loads the model); each call commits one shard and returns small stats."""
+    """Built once per process (loads the model); each call commits one shard and returns small stats.
 
-    def __init__(self, run: RunDir, **options) -> None: ...
+    `artifact` names the store it writes; `keys` are the chunk columns that identify its rows there (a prefix of
+    the store's keys), so a retried chunk can skip rows already committed.
+    """
+
+    artifact: str
+    keys: tuple[str, ...]
+
+    def __init__(self, run: RunDir) -> None: ...
 
     def __call__(self, chunk: pd.DataFrame) -> dict: ...
 
@@ -42,7 +49,7 @@ def worker_class(target: str) -> type[Worker]:
     return getattr(importlib.import_module(module), name)
 
 
-def execute(run: RunDir, target: str, chunks: list[pd.DataFrame], **options) -> Iterator[dict]:
+def execute(run: RunDir, target: str, chunks: list[pd.DataFrame]) -> Iterator[dict]:
     """Run every chunk through `target` ("module:Class") on the configured backend; yields each chunk's stats
     (plus `items`: its row count, `worker`: host:pid that ran it, `seconds`: the worker's time on it) as it
     commits, in completion order."""
@@ -51,9 +58,9 @@ def execute(run: RunDir, target: str, chunks: list[pd.DataFrame], **options) -> 
     if run.config.execution.backend == "ray":
         from dalign.execution.ray_backend import execute_on_ray
 
-        yield from execute_on_ray(run, target, chunks, options)
+        yield from execute_on_ray(run, target, chunks)
         return
-    worker = worker_class(target)(run, **options)
+    worker = worker_class(target)(run)
     for chunk in chunks:
         t0 = time.perf_counter()
         stats = worker(chunk)

@@ -38,7 +38,7 @@ def connect(ex: ExecutionConfig) -> None:
 class StageActor:
     """One Ray actor: builds the stage's worker (loads the model) once, then commits a shard per chunk."""
 
-    def __init__(self, target: str, run_path: str, config: dict, options: dict, threads: int):
+    def __init__(self, target: str, run_path: str, config: dict, threads: int):
         import ray
         import torch
 
@@ -46,7 +46,7 @@ class StageActor:
 
         torch.set_num_threads(threads)
         self.run = RunDir(run_path, RunConfig.model_validate(config))
-        self.worker = worker_class(target)(self.run, **options)
+        self.worker = worker_class(target)(self.run)
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.id = worker_id()
 
@@ -80,7 +80,7 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def execute_on_ray(run: RunDir, target: str, chunks: list[pd.DataFrame], options: dict) -> Iterator[dict]:
+def execute_on_ray(run: RunDir, target: str, chunks: list[pd.DataFrame]) -> Iterator[dict]:
     import ray
     import ray.data
 
@@ -96,7 +96,6 @@ def execute_on_ray(run: RunDir, target: str, chunks: list[pd.DataFrame], options
             "target": target,
             "run_path": str(run.path.resolve()),
             "config": run.config.model_dump(mode="json"),
-            "options": options,
             "threads": max(1, int(ex.num_cpus)),
         },
         num_cpus=ex.num_cpus,

@@ -85,6 +85,75 @@ def check_adapter_base(adapter_dir: str | Path, student: str) -> None:
         )
 
 
+def pair_tokenizer(cfg: ModelConfig, adapter: str | Path | None = None):
+    """The tokenizer `load_pair` gives the pair (the adapter's when it saved one), without loading weights."""
+    adapter = adapter if adapter is not None else cfg.adapter
+    if adapter and (Path(adapter) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(adapter)  # SFT may have added <think> tokens
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    return load_tokenizer(cfg.student, cfg.trust_remote_code)
+
+
+def context_limit(cfg: ModelConfig) -> int | None:
+    """model.max_context, else the student's max_position_embeddings (read from its config, no weights)."""
+    if cfg.max_context:
+        return cfg.max_context
+    from transformers import AutoConfig
+
+    from dalign.models.loading import resolve_spec
+
+    conf = AutoConfig.from_pretrained(resolve_spec(cfg.student), trust_remote_code=cfg.trust_remote_code)
+    return getattr(conf, "max_position_embeddings", None)
+
+
+def model_depth(cfg: ModelConfig) -> int:
+    """The student's number of transformer blocks (from its config, no weights): layers 1..depth can be scored."""
+    from transformers import AutoConfig
+
+    from dalign.models.loading import resolve_spec
+
+    conf = AutoConfig.from_pretrained(resolve_spec(cfg.student), trust_remote_code=cfg.trust_remote_code)
+    conf = getattr(conf, "text_config", None) or conf
+    return int(conf.num_hidden_layers)
+
+
+def check_adapter_dir(adapter: Path) -> None:
+    """A clear error for an adapter dir that PEFT would fail on with a traceback (empty config, cut weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    cfg_file = adapter / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise AdapterMismatch(f"{adapter} is not a PEFT adapter dir (no adapter_config.json)")
+    try:
+        conf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterMismatch(
+            f"{cfg_file} is not valid JSON ({e}); retrain the adapter (`dalign sft --force`)"
+        ) from None
+    if not isinstance(conf, dict) or "peft_type" not in conf:
+        raise AdapterMismatch(
+            f"{cfg_file} has no 'peft_type': it is not a PEFT adapter config; retrain it (`dalign sft --force`) "
+            "or point model.adapter at a PEFT adapter dir"
+        )
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AdapterMismatch(
+            f"{adapter} holds no adapter_model.safetensors (only safetensors adapters load)"
+        )
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                f.get_slice(name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterMismatch(
+            f"{weights} cannot be read ({e}): the file is truncated or damaged; retrain (`dalign sft --force`)"
+        ) from None
+
+
 def load_pair(cfg: ModelConfig, adapter: str | Path | None = None) -> ModelPair:
     """Aligned model = student (+ adapter); base = adapter disabled, or `cfg.base` as a separate checkpoint."""
     adapter = adapter if adapter is not None else cfg.adapter
@@ -92,14 +161,12 @@ def load_pair(cfg: ModelConfig, adapter: str | Path | None = None) -> ModelPair:
     info = {"student": cfg.student, "adapter": str(adapter) if adapter else None, "base": cfg.base}
     if adapter:
         from peft import PeftModel
-        from transformers import AutoTokenizer
 
         adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{adapter} is not a PEFT adapter dir (no adapter_config.json)")
+        check_adapter_dir(adapter)
         check_adapter_base(adapter, cfg.student)
         if (adapter / "tokenizer_config.json").exists():
-            tok = AutoTokenizer.from_pretrained(adapter)  # SFT may have added <think> tokens
+            tok = pair_tokenizer(cfg, adapter)
             if len(tok) != model.get_input_embeddings().weight.shape[0]:
                 model.resize_token_embeddings(len(tok), mean_resizing=False)
         model = PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()

@@ -16,9 +16,11 @@ from rich.progress import (
 )
 
 from dalign.config import DatasetRef, RunConfig
+from dalign.judge import reasoning_closed
 from dalign.models.chat import PromptTooLong, prompt_ids
-from dalign.models.pair import load_pair
-from dalign.rundir import RunDir, adapter_dir, adapter_fingerprint, fingerprint
+from dalign.models.loading import describe_dtype
+from dalign.models.pair import context_limit, load_pair, pair_tokenizer
+from dalign.rundir import RunDir, adapter_dir
 from dalign.sample.sampler import derive_seed, sample_batch
 
 
@@ -45,9 +47,7 @@ def benchmark_rows(cfg: RunConfig) -> pd.DataFrame:
         df["role"] = ref.role
         df["checker"] = _checker(ref, DATASETS)
         frames.append(df)
-    rows = pd.concat(frames, ignore_index=True)
-    _check_disjoint(rows, cfg.sample.datasets)
-    return rows
+    return pd.concat(frames, ignore_index=True)
 
 
 def _checker(ref: DatasetRef, registry) -> str | None:
@@ -56,36 +56,158 @@ def _checker(ref: DatasetRef, registry) -> str | None:
     return registry.info[ref.name].get("checker")
 
 
-def _check_disjoint(rows: pd.DataFrame, refs: list[DatasetRef]) -> None:
-    """A calibration split must not share prompts with the evaluation split of the same dataset."""
-    for name in {r.name for r in refs}:
-        sub = rows[rows["benchmark"].isin([r.label for r in refs if r.name == name])]
-        cal = set(sub.loc[sub["role"] == "calibration", "prompt"])
-        ev = set(sub.loc[sub["role"] == "eval", "prompt"])
-        if cal & ev:
-            raise ValueError(
-                f"dataset {name!r}: {len(cal & ev)} prompts are in both the calibration and the eval split; "
-                "use disjoint offset/limit ranges with the same seed"
-            )
+def behaviours(rows: pd.DataFrame) -> pd.Series:
+    """The harmful request each prompt carries: the embedded question of a composed prompt (DAN), else the prompt."""
+    if "question" not in rows.columns:
+        return rows["prompt"].astype(str)
+    return rows["question"].where(rows["question"].notna(), rows["prompt"]).astype(str)
 
 
-def sample_fingerprint(run: RunDir) -> dict:
-    fp = fingerprint(run.config, {"model": None, "sample": ["batch_size"]})
-    fp["adapter"] = adapter_fingerprint(adapter_dir(run))
-    return fp
+def drop_calibration_leaks(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int], list[str]]:
+    """Drop calibration prompts that share a behaviour with any evaluation prompt, across all datasets.
+
+    Overlap = equal after normalisation, or one text contains the other (dedup.find_contained): an AdvBench
+    calibration prompt embedded in a DAN evaluation prompt counts. Returns (rows, dropped per benchmark, warnings);
+    a calibration benchmark left empty is an error.
+    """
+    from dalign.data.dedup import find_contained
+
+    cal = (rows["role"] == "calibration").to_numpy()
+    if not cal.any():
+        return rows, {}, []
+    cal_rows, eval_rows = rows[cal], rows[~cal]
+    hits = find_contained(cal_rows["prompt"].tolist(), behaviours(eval_rows).tolist())
+    leaked = sorted({h.index_a for h in hits})
+    dropped = cal_rows.iloc[leaked]["benchmark"].value_counts().to_dict()
+    left = cal_rows.drop(index=cal_rows.index[leaked])
+    empty = sorted(set(cal_rows["benchmark"]) - set(left["benchmark"]))
+    if empty:
+        raise ValueError(
+            f"calibration split(s) {empty} are empty once prompts sharing a behaviour with an evaluation prompt are "
+            f"dropped ({sum(dropped.values())} dropped); choose another offset/limit or dataset for calibration"
+        )
+    warnings = []
+    if leaked:
+        ex = hits[0]
+        warnings.append(
+            f"{len(leaked)} calibration prompt(s) dropped: they share a behaviour with an evaluation prompt "
+            f"({', '.join(f'{b}: {n}' for b, n in sorted(dropped.items()))}; e.g. {ex.text[:80]!r})"
+        )
+    return pd.concat([eval_rows, left]).sort_index(), {str(k): int(v) for k, v in dropped.items()}, warnings
+
+
+def _prune(store, rows: pd.DataFrame, n: int) -> int:
+    """Drop sample rows no longer requested (a dataset removed, a smaller n, a prompt whose text changed)."""
+    if not store.files():
+        return 0
+    have = store.read()
+    keys = zip(rows["benchmark"], rows["prompt_id"].astype(str), strict=True)
+    want = dict(zip(keys, rows["prompt"], strict=True))
+    keep = [
+        want.get((b, str(p))) == text and int(c) < n
+        for b, p, c, text in zip(
+            have["benchmark"], have["prompt_id"], have["candidate"], have["prompt"], strict=True
+        )
+    ]
+    if all(keep):
+        return 0
+    store.replace(have[keep])
+    return len(have) - sum(keep)
+
+
+def sample_row(
+    item,
+    token_ids: list[int],
+    finish_reason: str,
+    response: str,
+    *,
+    think_prefix: bool,
+    token_ids_source: str = "generated",
+) -> dict:
+    """One samples.parquet row from a planned work item and its generation (shared by every sampling backend).
+
+    `token_ids_source`: generated (HF sampling), server (ids reported by the server) or retokenized (re-encoded
+    from the server's text, may differ from what it generated; see sample/openai_backend.py).
+
+    `finished`: generation ended with a stop token; `reasoning_closed`: a final answer exists (see
+    dalign.judge.reasoning_closed). The judge stage treats a candidate lacking either as unfinished.
+    """
+    return {
+        "benchmark": item.benchmark,
+        "prompt_id": item.prompt_id,
+        "candidate": int(item.candidate),
+        "prompt": item.prompt,
+        "response": response,
+        "token_ids": list(token_ids),
+        "token_ids_source": token_ids_source,
+        "prompt_token_ids": [int(t) for t in item.prompt_token_ids],
+        "finish_reason": finish_reason,
+        "finished": finish_reason == "stop",
+        "reasoning_closed": reasoning_closed(response, think_prefix),
+        "n_tokens": len(token_ids),
+        "seed": int(item.seed),
+        "category": item.category,
+        "source": item.source,
+        "role": item.role,
+        "kind": item.kind,
+        "checker": item.checker,
+        "answer": item.answer,
+    }
+
+
+class SampleWorker:
+    """HF backend: loads the aligned model once; samples one chunk of work items into one committed shard."""
+
+    artifact = "samples"
+    keys = ("benchmark", "prompt_id", "candidate")
+
+    def __init__(self, run: RunDir):
+        self.cfg = run.config.sample
+        self.think_prefix = run.config.model.think_prefix
+        self.pair = load_pair(run.config.model, adapter_dir(run))
+        self.store = run.store(self.artifact)
+
+    def __call__(self, chunk: pd.DataFrame) -> dict:
+        sc, tok = self.cfg, self.pair.tokenizer
+        gens = sample_batch(
+            self.pair.model,
+            tok,
+            [[int(t) for t in ids] for ids in chunk["prompt_token_ids"]],
+            [int(s) for s in chunk["seed"]],
+            temperature=sc.temperature,
+            top_p=sc.top_p,
+            repetition_penalty=sc.repetition_penalty,
+            max_new_tokens=sc.max_new_tokens,
+            capture_layers=sc.capture_layers,
+        )
+        out = []
+        for item, g in zip(chunk.itertuples(index=False), gens, strict=True):
+            text = tok.decode(g.token_ids, skip_special_tokens=True)
+            row = sample_row(item, g.token_ids, g.finish_reason, text, think_prefix=self.think_prefix)
+            for layer, h in g.hidden.items():
+                row[f"hidden_l{layer}"] = h.tolist()
+            out.append(row)
+        return {"rows": self.store.write(out), "tokens": sum(len(g.token_ids) for g in gens)}
+
+
+WORKERS = {
+    "hf": "dalign.sample.stage:SampleWorker",
+    "openai": "dalign.sample.openai_backend:OpenAISampleWorker",
+}
 
 
 def run_sample(run: RunDir, force: bool = False) -> dict:
+    from dalign.execution import execute
+
     cfg = run.config
     sc = cfg.sample
-    rows = benchmark_rows(cfg)
-    run.begin("sample", sample_fingerprint(run), ["samples"], force)
+    rows, leaks, notes = drop_calibration_leaks(benchmark_rows(cfg))
+    tok, limit = pair_tokenizer(cfg.model, adapter_dir(run)), context_limit(cfg.model)
+    run.begin("sample", force)
     store = run.store("samples")
+    pruned = _prune(store, rows, sc.n)
     done = store.done_keys()
 
-    pair = load_pair(cfg.model, adapter_dir(run))
-    model, tok = pair.model, pair.tokenizer
-    limit = cfg.model.max_context or getattr(model.config, "max_position_embeddings", None)
     max_prompt = None if limit is None else limit - sc.max_new_tokens
 
     # One work item per (prompt, candidate) still missing; prompts are tokenized once.
@@ -101,11 +223,28 @@ def run_sample(run: RunDir, force: bool = False) -> dict:
         if cut:
             warnings.warn(f"{r.benchmark}/{r.prompt_id}: {caught[0].message}", PromptTooLong, stacklevel=1)
         for c in todo:
-            work.append((r, c, ids))
+            work.append(
+                {
+                    "benchmark": r.benchmark,
+                    "prompt_id": r.prompt_id,
+                    "candidate": c,
+                    "prompt": r.prompt,
+                    "prompt_token_ids": ids,
+                    "seed": derive_seed(sc.seed, r.benchmark, r.prompt_id, c),
+                    "category": r.category,
+                    "source": r.source,
+                    "role": r.role,
+                    "kind": r.kind,
+                    "checker": r.checker,
+                    "answer": None if pd.isna(r.answer) else str(r.answer),
+                }
+            )
     # Length bucketing: neighbours in a batch have similar prompt lengths, so little padding.
-    work.sort(key=lambda w: (len(w[2]), w[0].benchmark, w[0].prompt_id, w[1]))
+    work.sort(key=lambda w: (len(w["prompt_token_ids"]), w["benchmark"], w["prompt_id"], w["candidate"]))
+    # One chunk = one generation batch = one shard, on every execution backend.
+    chunks = [pd.DataFrame(work[i : i + sc.batch_size]) for i in range(0, len(work), sc.batch_size)]
 
-    written, new_tokens, t0 = 0, 0, time.perf_counter()
+    written, new_tokens, workers, busy, t0 = 0, 0, set(), 0.0, time.perf_counter()
     columns = [
         TextColumn("[bold]sample"),
         BarColumn(),
@@ -116,55 +255,28 @@ def run_sample(run: RunDir, force: bool = False) -> dict:
     ]
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task("sample", total=len(work), tps=0.0)
-        for start in range(0, len(work), sc.batch_size):
-            batch = work[start : start + sc.batch_size]
-            seeds = [derive_seed(sc.seed, r.benchmark, r.prompt_id, c) for r, c, _ in batch]
-            gens = sample_batch(
-                model,
-                tok,
-                [ids for _, _, ids in batch],
-                seeds,
-                temperature=sc.temperature,
-                top_p=sc.top_p,
-                repetition_penalty=sc.repetition_penalty,
-                max_new_tokens=sc.max_new_tokens,
-                capture_layers=sc.capture_layers,
-            )
-            out = []
-            for (r, c, ids), seed, g in zip(batch, seeds, gens, strict=True):
-                row = {
-                    "benchmark": r.benchmark,
-                    "prompt_id": r.prompt_id,
-                    "candidate": c,
-                    "prompt": r.prompt,
-                    "response": tok.decode(g.token_ids, skip_special_tokens=True),
-                    "token_ids": g.token_ids,
-                    "prompt_token_ids": ids,
-                    "finish_reason": g.finish_reason,
-                    "n_tokens": len(g.token_ids),
-                    "seed": seed,
-                    "category": r.category,
-                    "source": r.source,
-                    "role": r.role,
-                    "kind": r.kind,
-                    "checker": r.checker,
-                    "answer": None if pd.isna(r.answer) else str(r.answer),
-                }
-                for layer, h in g.hidden.items():
-                    row[f"hidden_l{layer}"] = h.tolist()
-                out.append(row)
-                new_tokens += len(g.token_ids)
-            written += store.write(out)
-            bar.update(task, advance=len(batch), tps=new_tokens / (time.perf_counter() - t0))
+        for stats in execute(run, WORKERS[sc.backend], chunks):
+            written += stats.get("rows", 0)
+            new_tokens += stats.get("tokens", 0)
+            workers.add(stats["worker"])
+            busy += stats["seconds"]
+            bar.update(task, advance=stats["items"], tps=new_tokens / (time.perf_counter() - t0))
 
     total = len(store.done_keys())
     run.finish(
         "sample",
         rows=total,
         new_rows=written,
+        pruned_rows=pruned,
+        calibration_overlaps_dropped=leaks,
+        warnings=notes,
         truncated_prompts=truncated,
         benchmarks=sorted(rows["benchmark"].unique()),
         seconds=round(time.perf_counter() - t0, 1),
         tokens_per_s=round(new_tokens / max(time.perf_counter() - t0, 1e-9), 1),
+        dtype=describe_dtype(cfg.model.dtype, cfg.model.device),
+        backend=f"{sc.backend}/{cfg.execution.backend}",
+        workers=sorted(workers),
+        worker_seconds=round(busy, 2),
     )
     return {"rows": total, "new": written, "truncated_prompts": truncated}

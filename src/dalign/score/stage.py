@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dalign.rundir import RunDir, adapter_dir, adapter_fingerprint, fingerprint
+from dalign.models.loading import describe_dtype
+from dalign.rundir import RunDir, adapter_dir
 from dalign.score.engine import ScoreEngine, ScoreError, ScoreRow, retokenize
 
 SAMPLE_KEYS = ["benchmark", "prompt_id", "candidate"]
@@ -21,11 +22,18 @@ REQUIRED = [*SAMPLE_KEYS, "prompt", "token_ids"]
 CHUNK_BATCHES = 8  # engine batches per shard: bounds lost work on a kill without tiny shards
 
 
-def score_fingerprint(run: RunDir) -> dict:
-    """Config that determines the scores: the model section, the score section minus batch size, the adapter."""
-    fp = fingerprint(run.config, {"model": None, "score": ["batch_size"]})
-    fp["adapter"] = adapter_fingerprint(adapter_dir(run))
-    return fp
+def validate(cfg) -> list[int]:
+    """Metrics registered and layers within the model's depth, checked before anything is deleted or loaded."""
+    from dalign.models.pair import model_depth
+    from dalign.score.engine import resolve_layers
+    from dalign.score.metrics import METRICS
+
+    unknown = [m for m in cfg.score.metrics if m not in METRICS]
+    if unknown:
+        raise ScoreError(
+            f"score.metrics: unknown metric(s) {unknown}; registered: {', '.join(sorted(METRICS))}"
+        )
+    return resolve_layers(cfg.score.layers, model_depth(cfg.model))
 
 
 def _rows(df: pd.DataFrame, tokenizer, cfg) -> list[ScoreRow]:
@@ -78,14 +86,38 @@ def _long(df: pd.DataFrame, values: dict) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+class ScoreWorker:
+    """Loads the aligned/base pair once; scores one chunk of whole prompt groups into one committed shard."""
+
+    artifact = "scores"
+    keys = tuple(SAMPLE_KEYS)
+
+    def __init__(self, run: RunDir):
+        from dalign.models import load_pair
+
+        self.cfg = run.config
+        self.pair = load_pair(self.cfg.model, adapter_dir(run))
+        sc = self.cfg.score
+        self.engine = ScoreEngine(
+            self.pair, sc.metrics, sc.layers, sc.batch_size, sc.share_prompt, seed=sc.seed
+        )
+        self.store = run.store(self.artifact)
+
+    def __call__(self, chunk: pd.DataFrame) -> dict:
+        rows = _rows(chunk, self.pair.tokenizer, self.cfg)
+        captured = {} if self.cfg.score.retokenize else _captured(chunk, self.engine.layers)
+        values = self.engine.score(rows, captured or None)
+        return {"rows": self.store.write(_long(chunk, values))}
+
+
 def run_score(run: RunDir, force: bool = False) -> dict:
     """Stage contract (pipeline.py): read samples, write scores shards, resumable; returns a console summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from dalign.models import load_pair
+    from dalign.execution import execute
 
     cfg = run.config
-    run.begin("score", score_fingerprint(run), ["scores"], force=force)
+    layers = validate(cfg)
     samples = run.read("samples")
     missing = [c for c in REQUIRED if c not in samples.columns]
     if missing:
@@ -93,6 +125,7 @@ def run_score(run: RunDir, force: bool = False) -> dict:
             f"{run.store('samples').path} lacks column(s) {missing}; it was made by an older `dalign sample` — "
             f"rerun the sample stage"
         )
+    run.begin("score", force)
     samples = samples.assign(
         prompt_id=samples["prompt_id"].astype(str), candidate=samples["candidate"].astype(int)
     )
@@ -101,19 +134,8 @@ def run_score(run: RunDir, force: bool = False) -> dict:
     keys = list(samples[SAMPLE_KEYS].itertuples(index=False, name=None))
     todo = samples[[k not in done for k in keys]]
     warnings: list[str] = []
-    written = 0
-    layers: list[int] = []
+    written, workers, busy = 0, set(), 0.0
     if not todo.empty:
-        pair = load_pair(cfg.model, adapter_dir(run))
-        engine = ScoreEngine(
-            pair,
-            cfg.score.metrics,
-            cfg.score.layers,
-            cfg.score.batch_size,
-            cfg.score.share_prompt,
-            seed=cfg.score.seed,
-        )
-        layers = engine.layers
         hidden_cols = [c for c in todo.columns if c.startswith("hidden_l")]
         if hidden_cols and cfg.score.retokenize:
             warnings.append(
@@ -134,19 +156,23 @@ def run_score(run: RunDir, force: bool = False) -> dict:
         cols = [TextColumn("score"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
         with Progress(*cols, transient=True) as bar:
             task = bar.add_task("score", total=len(todo))
-            for chunk in chunks:
-                rows = _rows(chunk, pair.tokenizer, cfg)
-                captured = {} if cfg.score.retokenize else _captured(chunk, layers)
-                values = engine.score(rows, captured or None, progress=lambda k: bar.advance(task, k))
-                written += store.write(_long(chunk, values))
+            for stats in execute(run, "dalign.score.stage:ScoreWorker", chunks):
+                written += stats.get("rows", 0)
+                workers.add(stats["worker"])
+                busy += stats["seconds"]
+                bar.advance(task, stats["items"])
     total = len(store.done_keys())
     run.finish(
         "score",
         rows=total,
         new_rows=written,
         metrics=list(cfg.score.metrics),
-        layers=layers or cfg.score.layers,
+        layers=layers,
         warnings=warnings,
+        backend=cfg.execution.backend,
+        workers=sorted(workers),
+        worker_seconds=round(busy, 2),
+        dtype=describe_dtype(cfg.model.dtype, cfg.model.device),
     )
     return {
         "scores": total,
@@ -156,4 +182,4 @@ def run_score(run: RunDir, force: bool = False) -> dict:
     }
 
 
-__all__ = ["run_score", "score_fingerprint"]
+__all__ = ["run_score", "validate"]
