@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -94,8 +95,10 @@ def test_ray_sample_and_score_equal_local(cluster, local, tmp_path, tiny_dir, ti
     _same_samples(_samples(run), _samples(local))
     # one shard per chunk, as the local backend writes them
     assert len(run.store("samples").files()) == len(local.store("samples").files()) == 12
-    # the work really ran on two Ray actors, not in this process
-    assert len(run.stage_entry("sample")["workers"]) == 2 and len(local.stage_entry("sample")["workers"]) == 1
+    # the work really ran in Ray actors, not in this process (how many of the 2 got chunks depends on start-up)
+    workers = run.stage_entry("sample")["workers"] + run.stage_entry("score")["workers"]
+    assert workers and all(int(w.rpartition(":")[2]) != os.getpid() for w in workers)
+    assert local.stage_entry("sample")["workers"] == [f"{socket.gethostname()}:{os.getpid()}"]
     a = run.read("scores").sort_values(SCORE_KEYS).reset_index(drop=True)
     b = local.read("scores").sort_values(SCORE_KEYS).reset_index(drop=True)
     assert len(a) == len(b) == 24 * (4 + 3) and a[SCORE_KEYS].astype(str).equals(b[SCORE_KEYS].astype(str))
