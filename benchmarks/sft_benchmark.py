@@ -172,7 +172,7 @@ def main() -> None:
         card = train_sft(
             cfg.model.student, rows, out / f"adapter-{name}", cfg.sft, cfg.model, {"corpus": name}
         )
-        loss = card["loss"]
+        loss = [h["loss"] for h in card["loss"]]  # per optimizer step
         print(f"sft {name}: {len(rows)} traces, {card['runtime_s']:.0f} s, loss {loss}", flush=True)
         merged = load_pair(cfg.model, out / f"adapter-{name}").model.merge_and_unload()
         t0 = time.perf_counter()
