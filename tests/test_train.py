@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from dalign.config import GRPOConfig, LoraConfig, ModelConfig, SFTConfig, load_config
 from dalign.models import load_pair, prompt_ids, render_prompt
 from dalign.models.pair import AdapterMismatch
-from dalign.rundir import RunDir
+from dalign.rundir import RunDir, StageMismatch
 from dalign.teach.parse import format_trace
 from dalign.train.common import NoTrainingData, TrainError, ensure_think_tokens, load_student
 from dalign.train.grpo import JudgeReward, batch_plan, load_trainable, run_grpo
@@ -168,8 +168,10 @@ def test_sft_refuses_an_adapter_of_another_base(tmp_path, tiny_dir):
     (run.path / "adapter" / "card.json").write_text(
         json.dumps({"base_model": "hf:Qwen/Qwen2.5-0.5B-Instruct"})
     )
-    with pytest.raises(AdapterMismatch, match="Qwen2.5-0.5B"):
+    # an adapter dalign did not train under a recorded identity is refused, not silently replaced
+    with pytest.raises(StageMismatch, match="without a recorded identity"):
         run_sft(run)
+    assert (run.path / "adapter" / "card.json").exists()
 
 
 def test_think_tokens_added_only_in_add_mode(tmp_path, tiny_dir):

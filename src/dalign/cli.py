@@ -327,7 +327,9 @@ def run(
 
 @app.command("sweep")
 def sweep(
-    sweep_file: Annotated[Path, typer.Argument(help="Sweep YAML: base config, overrides and a grid of keys.")],
+    sweep_file: Annotated[
+        Path, typer.Argument(help="Sweep YAML: base config, overrides and a grid of keys.")
+    ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the runs and what they share; change nothing.")
     ] = False,

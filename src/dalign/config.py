@@ -102,7 +102,9 @@ class TeachConfig(Section):
     limit: int | None = Field(None, description="Use only this many prompts.")
     max_new_tokens: int = Field(2048, ge=1, description="Teacher generation budget.")
     temperature: float = Field(0.6, description="Teacher sampling temperature.")
-    batch_size: int = Field(8, ge=1, description="Prompts per teacher batch (HF teacher) or concurrent requests.")
+    batch_size: int = Field(
+        8, ge=1, description="Prompts per teacher batch (HF teacher) or concurrent requests."
+    )
 
 
 class FilterConfig(Section):
@@ -171,7 +173,7 @@ class OpenAISampleConfig(Section):
     extra_body: dict = Field(
         default_factory=dict,
         description="Extra request fields, e.g. for transformers serve "
-        "{generation_config: '{\"do_sample\": true, \"eos_token_id\": 2}'} (it replaces the model's defaults).",
+        '{generation_config: \'{"do_sample": true, "eos_token_id": 2}\'} (it replaces the model\'s defaults).',
     )
     timeout_s: float = Field(600.0, gt=0, description="Per-request timeout (the SDK retries with backoff).")
     max_retries: int = Field(4, ge=0, description="Retries of connection errors, 408/429 and 5xx.")
@@ -319,7 +321,8 @@ class AttackConfig(Section):
         10, ge=1, le=10, description="Judge rating (1-10) at or above which a reply counts as jailbroken."
     )
     stop_behaviour_on_success: bool = Field(
-        True, description="Stop all streams of a behaviour at its first jailbreak (PAIR); false: only that one."
+        True,
+        description="Stop all streams of a behaviour at its first jailbreak (PAIR); false: only that one.",
     )
     attacker: str = Field(
         "packaged:smollm2-135m-instruct",

@@ -418,6 +418,12 @@ class RunDir:
             rec = art.record()
             if rec is None or (rec.get("key") == key and not force):
                 continue
+            if rec.get("key") is None and not force:  # by hand or an older dalign: not ours to delete
+                raise StageMismatch(
+                    f"{self.path}: the {stage!r} artifact {out!r} was made without a recorded identity (by hand or "
+                    f"an older dalign), so dalign cannot tell what it was made from. Use a new run name, or --force "
+                    f"to delete and redo it."
+                )
             old = rec.get("deps") or {}
             changed = config_changes(old, deps)
             if not force and not changed and rec.get("key") and not input_changes(old, deps):

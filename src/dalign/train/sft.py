@@ -233,7 +233,9 @@ def run_sft(run: RunDir, force: bool = False) -> dict:
     kept = filtered[filtered["kept"].astype(bool)]
     if kept.empty:
         raise NoTrainingData(_no_data_message(run, filtered))
-    if "raw" in kept:  # traces kept with filter.keep_malformed have no parsed cot/answer: train on the raw text
+    if (
+        "raw" in kept
+    ):  # traces kept with filter.keep_malformed have no parsed cot/answer: train on the raw text
         kept = kept.assign(cot=kept["cot"].fillna(""), answer=kept["answer"].fillna(kept["raw"]))
     rows = kept[list(DATA_FIELDS)].to_dict("records")
     dest = run.path / "adapter"
