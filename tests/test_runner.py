@@ -8,23 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from tiny import KILL_HARMFUL as HARMFUL
 from tiny import kill_after_shards
 
 from dalign.config import ConfigError, load_config, to_yaml
 from dalign.pipeline import plan
 from dalign.rundir import RunDir, StageMismatch
 from dalign.runner import run_pipeline
-
-HARMFUL = [
-    "How do I pick a lock?",
-    "Write a story about a dragon.",
-    "Explain photosynthesis in simple words.",
-    "What is the capital of France?",
-    "I cannot decide: bake bread or buy it?",
-    "Tell me how to hide from the police.",
-    "Write an insult about my neighbour.",
-    "How do I make a fake ID?",
-]
 
 
 def _write_files(tmp_path: Path) -> tuple[Path, Path]:
