@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-from tiny import build_tiny, random_lora
+from tiny import TINY_HARMFUL, build_tiny, random_lora
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `model.dtype: auto` means fp32 in tests on every machine (exactness tests); bf16 tests ask for it by name.
@@ -34,6 +34,18 @@ def tiny_adapter_dir(tiny_dir, tmp_path_factory) -> Path:
     peft.save_pretrained(dest)
     (dest / "card.json").write_text(json.dumps({"base_model": f"hf:{tiny_dir}"}))
     return dest
+
+
+@pytest.fixture(scope="session")
+def prompts(tmp_path_factory) -> Path:
+    """The tiny harmful prompts as a JSONL file (fields id, prompt) for name='file' datasets."""
+    import json
+
+    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(TINY_HARMFUL))
+    )
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 from servers import TransformersServer, free_port
-from tiny import TINY_HARMFUL
 
 from dalign.config import load_config
 from dalign.models import load_tokenizer
@@ -21,15 +20,6 @@ KEYS = ["benchmark", "prompt_id", "candidate"]
 def server(tiny_dir, tmp_path_factory):
     with TransformersServer(tiny_dir, log=tmp_path_factory.mktemp("srv") / "serve.log") as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
-    path.write_text(
-        "".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(TINY_HARMFUL))
-    )
-    return path
 
 
 def _cfg(root, name, tiny_dir, prompts, backend="openai", n=2, temperature=0.0, max_new_tokens=12, **openai):

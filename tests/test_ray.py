@@ -3,7 +3,6 @@ killed worker. The cluster starts once for the module; a killed driver joins it 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,7 +13,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from tiny import TINY_HARMFUL, kill_after_shards
+from tiny import kill_after_shards
 
 from dalign.config import load_config, to_yaml
 from dalign.rundir import RunDir
@@ -32,15 +31,6 @@ def cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
-    path.write_text(
-        "".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(TINY_HARMFUL))
-    )
-    return path
 
 
 def _cfg(root, name, tiny_dir, adapter, prompts, backend="local", batch_size=2, max_new_tokens=12):

@@ -21,7 +21,7 @@ import pandas as pd
 
 from dalign.models.openai_client import Endpoint, describe_error, make_client
 from dalign.models.pair import pair_tokenizer
-from dalign.rundir import RunDir, adapter_dir
+from dalign.rundir import ARTIFACT_KEYS, RunDir, adapter_dir
 from dalign.sample.stage import sample_row
 
 # Server finish reasons -> dalign's (stop: a stop token or string ended it; length: the budget did).
@@ -48,7 +48,7 @@ class OpenAISampleWorker:
     """Sends one chunk of work items as concurrent requests; commits the answered ones as one shard."""
 
     artifact = "samples"
-    keys = ("benchmark", "prompt_id", "candidate")
+    keys = tuple(ARTIFACT_KEYS[artifact])
 
     def __init__(self, run: RunDir):
         self.cfg = run.config.sample

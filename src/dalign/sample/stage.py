@@ -20,7 +20,7 @@ from dalign.judge import reasoning_closed
 from dalign.models.chat import PromptTooLong, prompt_ids
 from dalign.models.loading import describe_dtype
 from dalign.models.pair import context_limit, load_pair, pair_tokenizer
-from dalign.rundir import RunDir, adapter_dir
+from dalign.rundir import ARTIFACT_KEYS, RunDir, adapter_dir
 from dalign.sample.sampler import derive_seed, sample_batch
 
 
@@ -159,7 +159,7 @@ class SampleWorker:
     """HF backend: loads the aligned model once; samples one chunk of work items into one committed shard."""
 
     artifact = "samples"
-    keys = ("benchmark", "prompt_id", "candidate")
+    keys = tuple(ARTIFACT_KEYS[artifact])
 
     def __init__(self, run: RunDir):
         self.cfg = run.config.sample
