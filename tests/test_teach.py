@@ -289,6 +289,28 @@ def test_filter_keeps_safe_and_never_keeps_errors(tmp_path, monkeypatch, judge_n
     assert summary["kept"] == (2 if judge_name == "refusal" else 1)
 
 
+def test_filter_none_keeps_every_well_formed_trace_and_needs_a_reason(tmp_path, monkeypatch):
+    import dalign.judge
+    from dalign.teach.stage import run_filter
+
+    def no_judge(name, cfg=None):
+        raise AssertionError("filter.judge none must not load a judge")
+
+    monkeypatch.setattr(dalign.judge, "get_judge", no_judge)
+    run = _run(tmp_path, filter={"judge": "none"})
+    _write_traces(run)
+    with pytest.raises(ValueError, match="filter.reason"):
+        run_filter(run)
+    run = _run(tmp_path / "b", filter={"judge": "none", "reason": "curated corpus"})
+    _write_traces(run)
+    summary = run_filter(run)
+    f = run.read("filtered").set_index("prompt_id")
+    assert f["kept"].to_dict() == {"t1": True, "t2": True, "t3": True, "t4": True, "t5": False}
+    assert f.loc["t1", "reason"] == "not filtered" and f["label"].isna().all()
+    assert summary["not_filtered"] == "curated corpus" and summary["kept"] == 4
+    assert run.manifest()["stages"]["filter"]["not_filtered"] == "curated corpus"
+
+
 def test_filter_with_the_real_refusal_judge_on_the_corpus(tmp_path):
     from dalign.teach.stage import run_filter, run_teach
 

@@ -108,7 +108,14 @@ class TeachConfig(Section):
 
 
 class FilterConfig(Section):
-    judge: str = Field("content", description="Judge used on (prompt, answer); keep traces it labels safe.")
+    judge: str = Field(
+        "content",
+        description="Judge used on (prompt, answer); keep traces it labels safe. `none` keeps every well-formed "
+        "trace (for a curated corpus): then `reason` must say why.",
+    )
+    reason: str | None = Field(
+        None, description="Why the traces are not filtered (judge: none); recorded in the manifest."
+    )
     keep_malformed: bool = Field(
         False, description="Keep traces with no parsable final answer (not advised)."
     )

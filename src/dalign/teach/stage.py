@@ -161,6 +161,9 @@ def run_teach(run: RunDir, force: bool = False) -> dict:
     return {"traces": len(traces), "new": new, "malformed": malformed, "teacher": cfg.teach.teacher}
 
 
+NO_FILTER = "none"  # filter.judge value that keeps every well-formed trace (a curated corpus)
+
+
 def decide(
     row: dict, verdict: dict | None, judge_name: str, benign: str, keep_malformed: bool
 ) -> tuple[bool, str]:
@@ -168,6 +171,8 @@ def decide(
     if row["malformed"]:
         why = parse_trace(row["raw"]).reason or "no final answer"
         return keep_malformed, f"malformed: {why}"
+    if judge_name == NO_FILTER:
+        return True, "not filtered"
     label = verdict["label"]
     if label == "safe":
         return True, f"{judge_name}: safe"
@@ -186,12 +191,18 @@ def run_filter(run: RunDir, force: bool = False) -> dict:
     traces = run.read("traces")
     jcfg = cfg.judge  # model, thresholds, batch size; the judge itself is filter.judge
     spec = load_spec(cfg.teach.spec)
+    skip = cfg.filter.judge == NO_FILTER
+    if skip and not cfg.filter.reason:
+        raise ValueError(
+            "filter.judge is 'none' but filter.reason is empty: say why the traces need no filtering "
+            "(e.g. 'curated corpus'); it is recorded in the manifest"
+        )
     run.begin("filter", force)
 
     store = run.store("filtered")
     done = {k[0] for k in store.done_keys()}
     todo = traces[~traces["prompt_id"].isin(done)].to_dict("records")
-    judge = get_judge(cfg.filter.judge, jcfg)
+    judge = None if skip else get_judge(cfg.filter.judge, jcfg)
     size = max(1, jcfg.batch_size)
     with Progress(transient=True) as bar:
         task = bar.add_task(f"filter ({cfg.filter.judge})", total=len(todo))
@@ -199,9 +210,8 @@ def run_filter(run: RunDir, force: bool = False) -> dict:
             batch = todo[i : i + size]
             well = [r for r in batch if not r["malformed"]]
             # The guard sees what the user would see: the prompt and the final answer, not the reasoning.
-            verdicts = judge.judge(
-                [{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]} for r in well]
-            )
+            items = [{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]} for r in well]
+            verdicts = [None] * len(well) if skip else judge.judge(items)
             if len(verdicts) != len(well):
                 raise RuntimeError(
                     f"judge {cfg.filter.judge!r} returned {len(verdicts)} verdicts for {len(well)} items"
@@ -227,6 +237,8 @@ def run_filter(run: RunDir, force: bool = False) -> dict:
         "rejected_by_judge": int(((~out["kept"]) & (~out["malformed"])).sum()),
         "judge_errors": int((out["label"] == "error").sum()),
     }
+    if skip:
+        summary["not_filtered"] = cfg.filter.reason
     warnings = [] if kept else ["no trace was kept: SFT has nothing to train on (see the reason column)"]
     run.finish(
         "filter", rows=len(out), warnings=warnings, **{k: v for k, v in summary.items() if k != "traces"}
