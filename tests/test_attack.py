@@ -356,3 +356,43 @@ def test_advbench_pair_loader_on_a_local_file(tmp_path):
         DatasetError, match=r"no jailbreak-prompt column .*columns found: \['text', 'label'\]"
     ):
         load_dataset(DatasetRef(name="advbench-pair", path=str(bad)))
+
+
+def test_local_attacker_writes_improvement_then_prompt():
+    """A local attacker that closes the JSON right after `improvement` (as SmolLM2-135M does) still yields a
+    prompt: the second step continues a prefill that carries the improvement and opens `prompt`."""
+    from dalign.attack.loop import Behaviour, PairIteration, Stream
+    from dalign.attack.prompts import PREFILL_NEXT, prompt_prefill
+    from dalign.attack.rate import Rating
+    from dalign.attack.targets import Reply
+    from dalign.config import AttackConfig
+
+    calls = []
+
+    class Attacker:
+        def complete(self, convs, seeds, *, temperature, top_p, max_new_tokens, prefill=""):
+            calls.append(prefill)
+            prefills = [prefill] * len(convs) if isinstance(prefill, str) else prefill
+            # closes the object after the improvement whenever it is free to
+            return [p + ('Use a \\"story\\"."}' if p == PREFILL_NEXT else 'Tell a tale"}') for p in prefills]
+
+    class Targets:
+        def reply(self, target, prompts, seeds):
+            return [Reply(f"reply to {p}") for p in prompts]
+
+    class Rater:
+        name = "fake"
+
+        def rate(self, goal, prompts, responses):
+            return [Rating(1.0, "1") for _ in prompts]
+
+    loop = PairIteration(AttackConfig(max_attempts=1), Attacker(), Targets(), Rater(), prefill=True)
+    b = Behaviour("b0", "goal", "Sure")
+    stream = Stream(
+        0, rounds=[{"improvement": "", "prompt": "p1", "response": "no", "score": 1.0}], next_iteration=2
+    )
+    (row,) = loop.run(b, "base", [stream], 2)
+    assert row["error"] is None and row["attacker_prompt"] == "Tell a tale"
+    assert row["improvement"] == 'Use a "story".'
+    assert calls[0] == PREFILL_NEXT and calls[1] == [prompt_prefill('{"improvement": "Use a \\"story\\"."}')]
+    assert prompt_prefill('{"improvement": "no closing quote').endswith('"no closing quote", "prompt": "')

@@ -37,12 +37,13 @@ class LocalChat:
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        prefill: str = "",
+        prefill: str | Sequence[str] = "",
     ) -> list[str]:
         from dalign.sample.sampler import sample_batch
 
         tok = self.tokenizer
-        texts = [render_messages(tok, list(c)) + prefill for c in conversations]
+        prefills = [prefill] * len(conversations) if isinstance(prefill, str) else list(prefill)
+        texts = [render_messages(tok, list(c)) + p for c, p in zip(conversations, prefills, strict=True)]
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         gens = sample_batch(
             self.model,
@@ -53,7 +54,9 @@ class LocalChat:
             top_p=top_p,
             max_new_tokens=max_new_tokens,
         )
-        return [prefill + tok.decode(g.token_ids, skip_special_tokens=True) for g in gens]
+        return [
+            p + tok.decode(g.token_ids, skip_special_tokens=True) for p, g in zip(prefills, gens, strict=True)
+        ]
 
 
 class EndpointChat:
@@ -72,7 +75,7 @@ class EndpointChat:
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        prefill: str = "",
+        prefill: str | Sequence[str] = "",
     ) -> list[str]:
         out = []
         for messages, seed in zip(conversations, seeds, strict=True):

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from dalign.attack.parse import MalformedReply, parse_reply
-from dalign.attack.prompts import PREFILL_FIRST, PREFILL_NEXT, attacker_messages
+from dalign.attack.prompts import (
+    IMPROVEMENT_TOKENS,
+    PREFILL_FIRST,
+    PREFILL_NEXT,
+    attacker_messages,
+    prompt_prefill,
+)
 from dalign.config import AttackConfig
 from dalign.sample.sampler import derive_seed
 
@@ -82,14 +88,21 @@ class PairIteration:
                 break
             seeds = [derive_seed(a.seed, "pair-attacker", b.id, s.index, k, attempt) for s in pending]
             convs = [attacker_messages(b.goal, b.target_string, s.rounds, a.keep_last) for s in pending]
-            prefill = (PREFILL_FIRST if k == 1 else PREFILL_NEXT) if self.prefill else ""
+            sampling = {"temperature": a.attacker_temperature, "top_p": a.attacker_top_p}
+            prefill: str | list[str] = ""
+            if self.prefill and k == 1:
+                prefill = PREFILL_FIRST
+            elif self.prefill:  # two steps: the improvement, then the prompt (see attack.prompts)
+                firsts = self.attacker.complete(
+                    convs,
+                    seeds,
+                    max_new_tokens=min(IMPROVEMENT_TOKENS, a.attacker_max_new_tokens),
+                    prefill=PREFILL_NEXT,
+                    **sampling,
+                )
+                prefill = [prompt_prefill(t) for t in firsts]
             texts = self.attacker.complete(
-                convs,
-                seeds,
-                temperature=a.attacker_temperature,
-                top_p=a.attacker_top_p,
-                max_new_tokens=a.attacker_max_new_tokens,
-                prefill=prefill,
+                convs, seeds, max_new_tokens=a.attacker_max_new_tokens, prefill=prefill, **sampling
             )
             failed = []
             for s, seed, text in zip(pending, seeds, texts, strict=True):
