@@ -334,3 +334,22 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
         raise RuntimeError("training crashed")
     assert (dest / "a.txt").read_text() == "1"  # the old adapter survives a failed retrain
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_live_progress_prints_plain_lines_when_not_a_terminal(capsys):
+    """In a log file the rich bar is never redrawn, so training progress is printed as lines (every ~5 %)."""
+    from types import SimpleNamespace
+
+    from dalign.train.common import LiveProgress
+
+    live = LiveProgress("SFT")
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=40, global_step=0)
+    live.on_train_begin(None, state, None)
+    for step in range(1, 41):
+        state.global_step = step
+        live.on_log(None, state, None, logs={"loss": 2.0 - step / 40, "num_tokens": 100 * step})
+        live.on_step_end(None, state, None)
+    live.on_train_end(None, state, None)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("SFT: step")]
+    assert [x.split()[2] for x in lines] == ["1/40"] + [f"{s}/40" for s in range(2, 41, 2)]
+    assert "loss 1" in lines[-1] and "tok/s" in lines[-1] and "ETA 0.0 min" in lines[-1]
