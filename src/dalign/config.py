@@ -12,9 +12,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ["teach", "filter", "sft", "grpo", "sample", "judge", "score", "select", "attack", "report"]
+STAGES = [
+    "teach",
+    "filter",
+    "sft",
+    "grpo",
+    "sample",
+    "sample-base",
+    "sample-teacher",
+    "judge",
+    "judge-models",
+    "score",
+    "select",
+    "attack",
+    "report",
+]
+# Models `sample.models` can name besides the aligned student, and the stage that samples each.
+COMPARED_MODELS = {"base": "sample-base", "teacher": "sample-teacher"}
 
 
 class ConfigError(ValueError):
@@ -206,12 +222,25 @@ class SampleConfig(Section):
         description="Record the aligned model's final-token hidden state at these layers while sampling, "
         "so `score` needs only the base pass for latent similarity.",
     )
+    models: list[Literal["aligned", "base", "teacher"]] = Field(
+        default_factory=lambda: ["aligned"],
+        description="Models sampled on the same prompts and seeds: aligned (always), base (the student without "
+        "its adapter, or model.base) and teacher (teach.teacher when it is a local model). Base and teacher "
+        "samples are judged by `judge-models` and compared in the report; selection applies to aligned only.",
+    )
 
     @field_validator("n")
     @classmethod
     def _n_positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"n must be >= 1, got {v}")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        if "aligned" not in v or len(set(v)) != len(v):
+            raise ValueError(f"models must list aligned, and each model once; got {v}")
         return v
 
     @field_validator("temperature")
@@ -455,6 +484,19 @@ class RunConfig(Section):
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
         return sorted(v, key=STAGES.index)
+
+    @model_validator(mode="after")
+    def _compared_model_stages(self) -> RunConfig:
+        """sample.models implies its stages: listing `sample` (`judge`) runs the compared models' sampling
+        (judging) too, so a config need not repeat them in `stages`."""
+        extra = [
+            COMPARED_MODELS[m] for m in self.sample.models if m in COMPARED_MODELS and "sample" in self.stages
+        ]
+        if len(self.sample.models) > 1 and "judge" in self.stages:
+            extra.append("judge-models")
+        if set(extra) - set(self.stages):
+            self.stages = sorted(set(self.stages) | set(extra), key=STAGES.index)
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -22,6 +22,8 @@ from dalign.rundir import RunDir, adapter_dir, config_changes, input_changes, ro
 
 MODEL_SHAPE = ("model.student", "model.system_prompt", "model.think_prefix", "model.dtype")
 JUDGE = ("judge", "-judge.batch_size")
+# What a sampled candidate depends on in `sample` (rows: datasets, n; speed: batch size; which models: models).
+SAMPLING = ("sample", "-sample.batch_size", "-sample.datasets", "-sample.n", "-sample.models")
 
 
 @dataclass(frozen=True)
@@ -93,13 +95,40 @@ PIPELINE: dict[str, Stage] = {
         Stage(
             "sample",
             "dalign.sample.stage:run_sample",
-            ("model", "-model.device", "-model.adapter", "-model.base")
-            + ("sample", "-sample.batch_size", "-sample.datasets", "-sample.n"),
+            ("model", "-model.device", "-model.adapter", "-model.base", *SAMPLING),
             ("aligned",),
             ("samples",),
             rows=("sample.datasets", "sample.n"),  # rows outside them are pruned, new ones sampled
         ),
+        # Base and teacher samples depend on neither the adapter nor (base) the teacher, so a sweep shares them.
+        Stage(
+            "sample-base",
+            "dalign.sample.stage:run_sample_base",
+            ("model.student", "model.base", "model.system_prompt", "model.dtype", *SAMPLING),
+            (),
+            ("samples-base",),
+            enabled=lambda cfg: "base" in cfg.sample.models,
+            rows=("sample.datasets", "sample.n"),
+        ),
+        Stage(
+            "sample-teacher",
+            "dalign.sample.stage:run_sample_teacher",
+            ("teach.teacher", "model.dtype", *SAMPLING),
+            (),
+            ("samples-teacher",),
+            enabled=lambda cfg: "teacher" in cfg.sample.models,
+            rows=("sample.datasets", "sample.n"),
+        ),
         Stage("judge", "dalign.judge.stage:run_judge", JUDGE, ("samples",), ("judgments",)),
+        Stage(
+            "judge-models",
+            "dalign.judge.stage:run_judge_models",
+            JUDGE,
+            ("samples-base", "samples-teacher"),
+            ("judgments-models",),
+            inputs_required=False,  # whichever of the two the config asks for
+            enabled=lambda cfg: len(cfg.sample.models) > 1,
+        ),
         Stage(
             "score",
             "dalign.score.stage:run_score",
@@ -128,7 +157,8 @@ PIPELINE: dict[str, Stage] = {
             "report",
             "dalign.report.stage:run_report",
             ("report", *JUDGE, "select.default_layer"),
-            ("samples", "judgments", "scores", "selection", "attacks"),
+            ("samples", "judgments", "scores", "selection", "attacks", "samples-base", "samples-teacher")
+            + ("judgments-models",),
             ("report",),
             inputs_required=False,
             derived=True,

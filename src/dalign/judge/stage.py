@@ -38,10 +38,6 @@ def retry_errors(store) -> int:
     return int(retry.sum())
 
 
-def _key(b, p, c, j) -> tuple:
-    return (str(b), str(p), int(c), str(j))
-
-
 def candidate_status(samples: pd.DataFrame, think_prefix: bool) -> pd.DataFrame:
     """`finished` / `reasoning_closed` per candidate: the sample stage's columns, derived for older runs."""
     df = samples.copy()
@@ -81,18 +77,41 @@ def _unfinished_result(treatment: str) -> dict | None:
 
 
 def run_judge(run: RunDir, force: bool = False) -> dict:
-    cfg = run.config
     samples = run.read("samples")
     run.begin("judge", force)
-    store = run.store("judgments")
+    return _judge(run, "judge", candidate_status(samples, run.config.model.think_prefix), "judgments")
+
+
+def run_judge_models(run: RunDir, force: bool = False) -> dict:
+    """The base and teacher samples (sample.models), judged like the aligned ones into judgments-models."""
+    from dalign.config import COMPARED_MODELS
+
+    wanted = [m for m in run.config.sample.models if m in COMPARED_MODELS]
+    lacking = [f"samples-{m}" for m in wanted if not run.has(f"samples-{m}")]
+    if lacking:
+        raise FileNotFoundError(
+            f"{', '.join(lacking)} missing in {run.path}: run `dalign run` with the stage(s) "
+            f"{', '.join(COMPARED_MODELS[m.removeprefix('samples-')] for m in lacking)} first"
+        )
+    # Base and teacher were prompted without a think prefix (sample.stage.prompt_format).
+    frames = [candidate_status(run.read(f"samples-{m}").assign(model=m), False) for m in wanted]
+    run.begin("judge-models", force)
+    return _judge(run, "judge-models", pd.concat(frames, ignore_index=True), "judgments-models")
+
+
+def _judge(run: RunDir, stage: str, status: pd.DataFrame, artifact: str) -> dict:
+    """Label every (candidate, judge) of `status` not yet in `artifact`, in shards; finish the stage."""
+    cfg = run.config
+    store = run.store(artifact)
+    key_cols = list(store.keys)
+    columns = [c for c in key_cols if c not in COLUMNS] + COLUMNS
     retried = retry_errors(store)
-    done = {_key(*k) for k in store.done_keys()}
-    status = candidate_status(samples, cfg.model.think_prefix)
+    done = {tuple(map(str, k)) for k in store.done_keys()}
     df, warnings = plan(status, cfg.judge.judges)
     fixed = _unfinished_result(cfg.judge.unfinished)
     cache = JudgmentCache(run.path / "judge-cache")
-    keys = zip(df["benchmark"], df["prompt_id"], df["candidate"], df["judge"], strict=True)
-    todo = df[[_key(*k) not in done for k in keys]]
+    keys = zip(*(df[c] for c in key_cols), strict=True)
+    todo = df[[tuple(map(str, k)) not in done for k in keys]]
     new_rows, cached = 0, 0
     bs = max(1, cfg.judge.batch_size)
     with Progress(
@@ -123,6 +142,7 @@ def run_judge(run: RunDir, force: bool = False) -> dict:
                 for r, res in zip(rows, results, strict=True):
                     pending.append(
                         {
+                            **({"model": r.model} if "model" in key_cols else {}),
                             "benchmark": r.benchmark,
                             "prompt_id": str(r.prompt_id),
                             "candidate": int(r.candidate),
@@ -134,10 +154,10 @@ def run_judge(run: RunDir, force: bool = False) -> dict:
                         }
                     )
                 if len(pending) >= SHARD_ROWS:
-                    new_rows += store.write(_frame(pending))
+                    new_rows += store.write(_frame(pending, columns))
                     pending = []
                 progress.advance(task, len(chunk))
-            new_rows += store.write(_frame(pending))
+            new_rows += store.write(_frame(pending, columns))
     table = store.read()
     errors = int((table["label"] == "error").sum()) if not table.empty else 0
     by_judge = (
@@ -150,7 +170,7 @@ def run_judge(run: RunDir, force: bool = False) -> dict:
             f"{errors} judgments are 'error' (not counted as safe or correct); see the raw column"
         )
     run.finish(
-        "judge",
+        stage,
         rows=len(table),
         new_rows=new_rows,
         retried_errors=retried,
@@ -183,7 +203,7 @@ def _answer(r) -> str | None:
     return None if a is None or (isinstance(a, float) and a != a) else str(a)
 
 
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=COLUMNS)
+def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=columns)
     df["score"] = df["score"].astype("float64")
     return df

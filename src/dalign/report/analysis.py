@@ -260,9 +260,57 @@ def judge_agreement(inp: Inputs) -> list[dict]:
     return out
 
 
+def guard_selector(rates: dict, default_layer: int) -> str | None:
+    """The Best-of-N guard's selector in Table 1: latent similarity at the calibrated layer, else the default."""
+    for sel in (f"{LAYERED}@calibrated", f"{LAYERED}@{default_layer}"):
+        if sel in rates:
+            return sel
+    return None
+
+
+def models_table(inp: Inputs, res: dict, default_layer: int, n_boot: int, seed: int) -> dict:
+    """The alignment gap: per eval benchmark, the single-sample rate (candidate 0, same prompts and seeds) of
+    teacher, base and aligned student, and the aligned student behind the guard, each under the benchmark's
+    primary judge, with bootstrap CIs over prompts and the mean response length."""
+    if inp.model_samples is None or inp.model_judgments is None or inp.judgments is None:
+        return {}
+    out: dict[str, dict] = {}
+    for kind in ("safety", "utility"):
+        for bench, block in res[kind].items():
+            judge, prompts = block["judge"], inp.prompts[bench]
+            idx = stats.bootstrap_indices(len(prompts), n_boot, _seed(seed, bench))
+            models: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+            for m in ("teacher", "base"):
+                js = inp.model_judgments[inp.model_judgments["model"].astype(str) == m]
+                ss = inp.model_samples[inp.model_samples["model"].astype(str) == m]
+                if len(js[js["benchmark"] == bench]):
+                    models[m] = (js, ss)
+            models["aligned"] = (inp.judgments, inp.samples)
+            rows = {}
+            for m, (js, ss) in models.items():
+                labels = LabelLookup(candidate_labels(js, bench, judge), prompts)
+                first = pd.Series(0, index=pd.Index(prompts, name="prompt_id"), dtype="Int64")
+                r, _ = stats.rate(labels.chosen(first), kind, idx)
+                tokens = ss.loc[ss["benchmark"] == bench, "n_tokens"] if ss is not None else pd.Series()
+                rows[m] = {**r.as_dict(), "mean_tokens": float(tokens.mean()) if len(tokens) else math.nan}
+            guard = guard_selector(block["selectors"], default_layer)
+            if guard is not None:
+                g = block["selectors"][guard]
+                rows["aligned + guard"] = {**g, "selector": guard, "mean_tokens": math.nan}
+            out[bench] = {"kind": kind, "judge": judge, "models": rows}
+    return out
+
+
+def all_samples(inp: Inputs) -> pd.DataFrame | None:
+    """The aligned samples, plus base/teacher samples (with a `model` column) when the run made them."""
+    if inp.samples is None or inp.model_samples is None:
+        return inp.samples
+    return pd.concat([inp.samples.assign(model="aligned"), inp.model_samples], ignore_index=True)
+
+
 def lengths(inp: Inputs) -> dict:
-    """Response length per benchmark (and per model when samples carry a `model` column)."""
-    s = inp.samples
+    """Response length per benchmark and model (aligned, and base/teacher when the run sampled them)."""
+    s = all_samples(inp)
     if s is None:
         return {"note": "samples are missing", "rows": []}
     if "n_tokens" in s.columns:
@@ -277,8 +325,8 @@ def lengths(inp: Inputs) -> dict:
     note = None
     if "model" not in s.columns or s["model"].nunique() < 2:
         note = (
-            "samples hold responses of one model only (no `model` column with base and aligned rows), so the "
-            "base-vs-aligned length comparison is skipped; lengths of the sampled (aligned) responses are shown"
+            "only the aligned model was sampled, so there is no length comparison across models (add base to "
+            "sample.models); lengths of the aligned responses are shown"
         )
     rows = []
     for (bench, model), g in df.groupby(["benchmark", "model"]):
@@ -346,4 +394,5 @@ def compute(
         step("rates per judge")
         res["per_judge"] = judge_rates(inp, res["judges"], n_boot, seed, notes)
     res["lengths"] = lengths(inp)
+    res["models"] = models_table(inp, res, default_layer, n_boot, seed)
     return res, labelled

@@ -429,6 +429,46 @@ def _agreement_section(results: dict) -> Section:
     return sec
 
 
+def _models_section(results: dict) -> Section | None:
+    """The alignment gap: teacher, base and aligned student, and aligned + guard, on the same prompts."""
+    blocks = results.get("models") or {}
+    if not blocks:
+        return None
+    sec = Section("Models compared (alignment gap)")
+    sec.blocks.append(
+        Text(
+            "Single-sample rate (candidate 0: the same prompts and seeds for every model) under each benchmark's "
+            "primary judge, 95 % bootstrap CI over prompts; aligned + guard is the Best-of-N choice of Table 1. "
+            "Safety: ASR (lower is better); utility: accuracy."
+        )
+    )
+    order = ["teacher", "base", "aligned", "aligned + guard"]
+    rows = []
+    for bench in sorted(blocks):
+        b = blocks[bench]
+        for m in [m for m in order if m in b["models"]]:
+            r = b["models"][m]
+            label = f"{m} ({r['selector']})" if "selector" in r else m
+            tokens = r.get("mean_tokens")
+            rows.append(
+                [
+                    bench,
+                    b["kind"],
+                    label,
+                    f"{pct(r['value'])} {ci(r.get('ci'))}",
+                    f"{r['hits']}/{r['valid']}",
+                    str(r["errors"]),
+                    f"{tokens:.0f}" if _ok(tokens) else DASH,
+                ]
+            )
+    sec.blocks.append(
+        Table(
+            ["benchmark", "kind", "model", "rate % [95 % CI]", "hits / valid", "errors", "mean tokens"], rows
+        )
+    )
+    return sec
+
+
 def _length_section(results: dict, figs: dict[str, Path]) -> Section:
     sec = Section("Response length")
     ln = results.get("lengths", {})
@@ -588,6 +628,7 @@ def build(results: dict, figs: dict[str, Path], generated: str) -> Document:
         summary,
         _rates_section(results, "safety", figs),
         _rates_section(results, "utility", figs),
+        *([sec] if (sec := _models_section(results)) is not None else []),
         _headroom_section(results, figs),
         *filter(None, [attack.section(results.get("attack", {}), figs)]),
         _auroc_section(results, figs),

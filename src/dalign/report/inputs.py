@@ -14,7 +14,17 @@ import pandas as pd
 from dalign.rundir import RunDir
 
 ARTIFACTS = ("samples", "judgments", "scores", "selection")
-MAKER = {"samples": "sample", "judgments": "judge", "scores": "score", "selection": "select"}
+# Samples and judgments of the compared models (sample.models), read only when the run made them.
+MODEL_ARTIFACTS = ("samples-base", "samples-teacher", "judgments-models")
+MAKER = {
+    "samples": "sample",
+    "judgments": "judge",
+    "scores": "score",
+    "selection": "select",
+    "samples-base": "run (stage sample-base)",
+    "samples-teacher": "run (stage sample-teacher)",
+    "judgments-models": "run (stage judge-models)",
+}
 
 
 def orientation(metric: str) -> str | None:
@@ -45,6 +55,9 @@ class Inputs:
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     calibration_rows: int = 0
+    # base/teacher samples (with a `model` column) and their judgments; None when the run compares no models
+    model_samples: pd.DataFrame | None = None
+    model_judgments: pd.DataFrame | None = None
 
 
 def _read(run: RunDir, name: str, missing: list[str], notes: list[str]) -> pd.DataFrame | None:
@@ -70,6 +83,9 @@ def _read(run: RunDir, name: str, missing: list[str], notes: list[str]) -> pd.Da
     if "layer" in df.columns:
         df["layer"] = pd.to_numeric(df["layer"], errors="coerce").astype("Int64")
     need = {
+        "samples-base": ["benchmark", "prompt_id", "candidate", "model"],
+        "samples-teacher": ["benchmark", "prompt_id", "candidate", "model"],
+        "judgments-models": ["model", "benchmark", "prompt_id", "candidate", "judge", "label"],
         "samples": ["benchmark", "prompt_id", "candidate"],
         "judgments": ["benchmark", "prompt_id", "candidate", "judge", "label"],
         "scores": ["benchmark", "prompt_id", "candidate", "metric", "value"],
@@ -127,6 +143,9 @@ def load_inputs(run: RunDir) -> Inputs:
     for name in ARTIFACTS:
         if arts[name] is not None:
             arts[name] = keep(arts[name])
+    compared = {n: _read(run, n, missing, notes) for n in MODEL_ARTIFACTS if run.has(n)}
+    compared = {n: keep(df) for n, df in compared.items() if df is not None}
+    model_samples = [compared[n] for n in ("samples-base", "samples-teacher") if n in compared]
     samples = arts["samples"]
     # The prompt universe per benchmark: the eval samples when present, else whatever was judged.
     source = samples if samples is not None else arts["judgments"]
@@ -145,6 +164,8 @@ def load_inputs(run: RunDir) -> Inputs:
         missing=missing,
         notes=notes,
         calibration_rows=calib,
+        model_samples=pd.concat(model_samples, ignore_index=True) if model_samples else None,
+        model_judgments=compared.get("judgments-models"),
     )
 
 

@@ -118,7 +118,7 @@ def _figures(run: RunDir, inp: Inputs, res: dict, values: pd.DataFrame, step: St
         "ablation": lambda p: figures.ablation_figure(
             res["ablation"], inp.kinds, single, _marks(res["facts"]), p
         ),
-        "lengths": lambda p: figures.lengths_figure(inp.samples, p),
+        "lengths": lambda p: figures.lengths_figure(analysis.all_samples(inp), p),
         "attack": lambda p: attack.figure(res["attack"], p),
     }
     out: dict[str, Path] = {}

@@ -18,7 +18,7 @@ from rich.progress import (
 from dalign.config import DatasetRef, RunConfig
 from dalign.judge import reasoning_closed
 from dalign.models.chat import PromptTooLong, prompt_ids
-from dalign.models.loading import describe_dtype
+from dalign.models.loading import describe_dtype, load_model
 from dalign.models.pair import context_limit, load_pair, pair_tokenizer
 from dalign.rundir import ARTIFACT_KEYS, RunDir, adapter_dir
 from dalign.sample.sampler import derive_seed, sample_batch
@@ -160,17 +160,22 @@ class SampleWorker:
 
     artifact = "samples"
     keys = tuple(ARTIFACT_KEYS[artifact])
+    model_name = "aligned"
 
     def __init__(self, run: RunDir):
         self.cfg = run.config.sample
-        self.think_prefix = run.config.model.think_prefix
-        self.pair = load_pair(run.config.model, adapter_dir(run))
+        self.think_prefix = prompt_format(run, self.model_name)[1]
+        self.model, self.tokenizer = self.load(run)
         self.store = run.store(self.artifact)
 
+    def load(self, run: RunDir):
+        pair = load_pair(run.config.model, adapter_dir(run))
+        return pair.model, pair.tokenizer
+
     def __call__(self, chunk: pd.DataFrame) -> dict:
-        sc, tok = self.cfg, self.pair.tokenizer
+        sc, tok = self.cfg, self.tokenizer
         gens = sample_batch(
-            self.pair.model,
+            self.model,
             tok,
             [[int(t) for t in ids] for ids in chunk["prompt_token_ids"]],
             [int(s) for s in chunk["seed"]],
@@ -186,25 +191,91 @@ class SampleWorker:
             row = sample_row(item, g.token_ids, g.finish_reason, text, think_prefix=self.think_prefix)
             for layer, h in g.hidden.items():
                 row[f"hidden_l{layer}"] = h.tolist()
+            if self.model_name != "aligned":
+                row["model"] = self.model_name
             out.append(row)
         return {"rows": self.store.write(out), "tokens": sum(len(g.token_ids) for g in gens)}
+
+
+class BaseSampleWorker(SampleWorker):
+    """The student without its adapter (or model.base, a separate checkpoint), in its own chat format."""
+
+    artifact = "samples-base"
+    model_name = "base"
+
+    def load(self, run: RunDir):
+        m = model_config(run, self.model_name)
+        return load_model(m.student, m.dtype, m.device, m.trust_remote_code)
+
+
+class TeacherSampleWorker(SampleWorker):
+    """The teacher model (teach.teacher), answering the benchmark prompts without the spec."""
+
+    artifact = "samples-teacher"
+    model_name = "teacher"
+
+    load = BaseSampleWorker.load
 
 
 WORKERS = {
     "hf": "dalign.sample.stage:SampleWorker",
     "openai": "dalign.sample.openai_backend:OpenAISampleWorker",
+    "base": "dalign.sample.stage:BaseSampleWorker",
+    "teacher": "dalign.sample.stage:TeacherSampleWorker",
 }
 
 
+def prompt_format(run: RunDir, model: str) -> tuple[str | None, bool]:
+    """(system prompt, think prefix) a model is prompted with. The aligned student gets the run's; the base and
+    the teacher get their plain chat format: a `<think>` prefix would only confuse a model not trained on it, and
+    the teacher answers as itself (its template adds what a reasoning model needs)."""
+    m = run.config.model
+    if model == "aligned":
+        return m.system_prompt, m.think_prefix
+    return (m.system_prompt if model == "base" else None), False
+
+
+def model_config(run: RunDir, model: str):
+    """The ModelConfig a model of the run loads with: base and teacher as a plain student, no adapter."""
+    m = run.config.model
+    if model == "aligned":
+        return m
+    spec = (m.base or m.student) if model == "base" else run.config.teach.teacher
+    return m.model_copy(update={"student": spec, "adapter": None, "base": None})
+
+
 def run_sample(run: RunDir, force: bool = False) -> dict:
+    return _sample(run, "sample", "aligned", force)
+
+
+def run_sample_base(run: RunDir, force: bool = False) -> dict:
+    return _sample(run, "sample-base", "base", force)
+
+
+def run_sample_teacher(run: RunDir, force: bool = False) -> dict:
+    teacher = run.config.teach.teacher
+    if teacher == "corpus" or teacher.startswith("openai:"):
+        raise ValueError(
+            f"sample.models lists teacher, but teach.teacher is {teacher!r}: only a local teacher model "
+            "(hf:<id|dir> or packaged:<name>) can be sampled; drop teacher from sample.models"
+        )
+    return _sample(run, "sample-teacher", "teacher", force)
+
+
+def _sample(run: RunDir, stage: str, model: str, force: bool) -> dict:
+    """Plan the missing (prompt, candidate) items of `model` and sample them into the stage's artifact."""
     from dalign.execution import execute
 
     cfg = run.config
     sc = cfg.sample
+    artifact = "samples" if model == "aligned" else f"samples-{model}"
+    worker = WORKERS[sc.backend if model == "aligned" else model]
+    system, think = prompt_format(run, model)
     rows, leaks, notes = drop_calibration_leaks(benchmark_rows(cfg))
-    tok, limit = pair_tokenizer(cfg.model, adapter_dir(run)), context_limit(cfg.model)
-    run.begin("sample", force)
-    store = run.store("samples")
+    mc = model_config(run, model)
+    tok, limit = pair_tokenizer(mc, adapter_dir(run) if model == "aligned" else None), context_limit(mc)
+    run.begin(stage, force)
+    store = run.store(artifact)
     pruned = _prune(store, rows, sc.n)
     done = store.done_keys()
 
@@ -218,7 +289,7 @@ def run_sample(run: RunDir, force: bool = False) -> dict:
             continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PromptTooLong)
-            ids, cut = prompt_ids(tok, r.prompt, cfg.model.system_prompt, cfg.model.think_prefix, max_prompt)
+            ids, cut = prompt_ids(tok, r.prompt, system, think, max_prompt)
         truncated += cut
         if cut:
             warnings.warn(f"{r.benchmark}/{r.prompt_id}: {caught[0].message}", PromptTooLong, stacklevel=1)
@@ -246,7 +317,7 @@ def run_sample(run: RunDir, force: bool = False) -> dict:
 
     written, new_tokens, workers, busy, t0 = 0, 0, set(), 0.0, time.perf_counter()
     columns = [
-        TextColumn("[bold]sample"),
+        TextColumn(f"[bold]{stage}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[tps]:.0f} tok/s"),
@@ -254,8 +325,8 @@ def run_sample(run: RunDir, force: bool = False) -> dict:
         TimeRemainingColumn(),
     ]
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("sample", total=len(work), tps=0.0)
-        for stats in execute(run, WORKERS[sc.backend], chunks):
+        task = bar.add_task(stage, total=len(work), tps=0.0)
+        for stats in execute(run, worker, chunks):
             written += stats.get("rows", 0)
             new_tokens += stats.get("tokens", 0)
             workers.add(stats["worker"])
@@ -264,7 +335,7 @@ def run_sample(run: RunDir, force: bool = False) -> dict:
 
     total = len(store.done_keys())
     run.finish(
-        "sample",
+        stage,
         rows=total,
         new_rows=written,
         pruned_rows=pruned,
@@ -275,7 +346,7 @@ def run_sample(run: RunDir, force: bool = False) -> dict:
         seconds=round(time.perf_counter() - t0, 1),
         tokens_per_s=round(new_tokens / max(time.perf_counter() - t0, 1e-9), 1),
         dtype=describe_dtype(cfg.model.dtype, cfg.model.device),
-        backend=f"{sc.backend}/{cfg.execution.backend}",
+        backend=f"{sc.backend if model == 'aligned' else 'hf'}/{cfg.execution.backend}",
         workers=sorted(workers),
         worker_seconds=round(busy, 2),
     )
