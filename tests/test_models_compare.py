@@ -112,6 +112,7 @@ def test_base_and_teacher_are_sampled_judged_and_compared(
         )
     md = (run.path / "report.md").read_text()
     assert "Models compared (alignment gap)" in md and "aligned + guard" in md
+    assert (run.path / "figures" / "models_alignment_gap.png").is_file()
     assert res["lengths"]["compare"] and {r["model"] for r in res["lengths"]["rows"]} == {
         "aligned",
         "base",

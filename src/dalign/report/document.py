@@ -429,7 +429,7 @@ def _agreement_section(results: dict) -> Section:
     return sec
 
 
-def _models_section(results: dict) -> Section | None:
+def _models_section(results: dict, figs: dict[str, Path]) -> Section | None:
     """The alignment gap: teacher, base and aligned student, and aligned + guard, on the same prompts."""
     blocks = results.get("models") or {}
     if not blocks:
@@ -628,7 +628,7 @@ def build(results: dict, figs: dict[str, Path], generated: str) -> Document:
         summary,
         _rates_section(results, "safety", figs),
         _rates_section(results, "utility", figs),
-        *([sec] if (sec := _models_section(results)) is not None else []),
+        *([sec] if (sec := _models_section(results, figs)) is not None else []),
         _headroom_section(results, figs),
         *filter(None, [attack.section(results.get("attack", {}), figs)]),
         _auroc_section(results, figs),

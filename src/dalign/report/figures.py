@@ -249,6 +249,31 @@ def ablation_figure(
     return _save(fig, path)
 
 
+MODEL_ORDER = ["teacher", "base", "aligned", "aligned + guard"]
+
+
+def models_figure(models: dict[str, dict], path: Path) -> Path | None:
+    """The alignment gap: per benchmark, each compared model's rate with its 95 % CI, side by side."""
+    benches = sorted(models)
+    if not benches:
+        return None
+    fig, axes = _new(min(3.6 * len(benches), 16), 3.4, 1, len(benches))
+    for ax, bench in zip(axes[0], benches, strict=True):
+        rows = models[bench]["models"]
+        names = [m for m in MODEL_ORDER if m in rows]
+        vals = np.array([_pct(rows[m]["value"]) for m in names])
+        lo = np.array([_pct(rows[m]["ci"][0]) for m in names])
+        hi = np.array([_pct(rows[m]["ci"][1]) for m in names])
+        err = np.vstack([np.nan_to_num(vals - lo), np.nan_to_num(hi - vals)])
+        color = UNSAFE if models[bench]["kind"] == "safety" else SAFE
+        ax.bar(range(len(names)), np.nan_to_num(vals), yerr=err, color=color, alpha=0.8, capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+        ax.set_ylabel("ASR (%)" if models[bench]["kind"] == "safety" else "accuracy (%)")
+        ax.set_title(bench, fontsize=9)
+    fig.suptitle("Models compared: single-sample rate and the guard (95 % CI)")
+    return _save(fig, path)
+
+
 def lengths_figure(samples: pd.DataFrame, path: Path) -> Path | None:
     """Response length (tokens) per benchmark and model, as box plots."""
     if samples is None or "n_tokens" not in samples.columns:

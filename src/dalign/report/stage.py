@@ -36,6 +36,7 @@ FIGURES = {
     "auroc_layers": "figure6_auroc_layers.png",
     "ablation": "layer_ablation.png",
     "lengths": "response_length.png",
+    "models": "models_alignment_gap.png",
     "attack": attack.FIGURE,
 }
 
@@ -119,6 +120,7 @@ def _figures(run: RunDir, inp: Inputs, res: dict, values: pd.DataFrame, step: St
             res["ablation"], inp.kinds, single, _marks(res["facts"]), p
         ),
         "lengths": lambda p: figures.lengths_figure(analysis.all_samples(inp), p),
+        "models": lambda p: figures.models_figure(res["models"], p),
         "attack": lambda p: attack.figure(res["attack"], p),
     }
     out: dict[str, Path] = {}
