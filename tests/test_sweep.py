@@ -77,6 +77,18 @@ def test_expand_labels_and_bad_grid(tmp_path, tiny_dir, tiny_qwen_dir):
         2,
     ]
     assert "sft" not in plan and "sample" not in plan
+    # with sample.models, each student's base samples serve both of its teachers (and teacher samples the
+    # reverse: each teacher's serve both students)
+    for r in runs:
+        r.config.sample.models = ["aligned", "base", "teacher"]
+        r.config.stages = r.config.stages + ["sample-base", "sample-teacher"]
+    plan = sharing_plan(runs)
+    students = {frozenset(g) for g in plan["sample-base"]}
+    assert students == {
+        frozenset(r.label for r in runs if r.config.model.student == s)
+        for s in {r.config.model.student for r in runs}
+    }
+    assert sorted(len(g) for g in plan["sample-teacher"]) == [2, 2]
     with pytest.raises(ConfigError, match="grid"):
         expand(SweepConfig(name="x", grid={"sample.n": []}))
     with pytest.raises(ConfigError, match="sweep run"):
