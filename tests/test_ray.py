@@ -159,3 +159,39 @@ def test_worker_killed_mid_task_is_retried(cluster, local, tmp_path, tiny_dir, t
     assert len(run.store("samples").files()) == 24
     pids = {int(w.rpartition(":")[2]) for w in run.stage_entry("sample")["workers"]}
     assert pids - victims, f"no restarted actor took over the remaining chunks: {pids} vs killed {victims}"
+
+
+def test_ray_judge_with_a_model_judge_equals_local(
+    cluster, local, tmp_path, tiny_dir, tiny_adapter_dir, prompts
+):
+    """Model judges run in Ray actors (each loads the judge model once) and write the same judgments."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    from dalign.judge.probe import Probe
+    from dalign.judge.stage import run_judge
+
+    hidden = AutoConfig.from_pretrained(tiny_dir).hidden_size
+    rng = np.random.default_rng(0)
+    meta = {"model": f"hf:{tiny_dir}", "layer": 2, "max_prompt_tokens": 64, "max_answer_tokens": 128}
+    probe = Probe(np.zeros(hidden), np.ones(hidden), rng.normal(size=hidden), 0.0, {**meta, "threshold": 0.5})
+    path = probe.save(tmp_path / "tiny-probe.safetensors")
+    tables = {}
+    for backend in ("local", "ray"):
+        cfg = _cfg(tmp_path, f"judge-{backend}", tiny_dir, tiny_adapter_dir, prompts, backend=backend)
+        cfg.judge.judges = ["content", "refusal"]
+        cfg.judge.content_probe = str(path)
+        run = RunDir.for_config(cfg)
+        shutil.copytree(local.path / "samples.parquet", run.path / "samples.parquet")
+        summary = run_judge(run)
+        assert summary["new"] == 2 * len(local.read("samples"))
+        tables[backend] = run.read("judgments").sort_values([*KEYS, "judge"]).reset_index(drop=True)
+        entry = json.loads((run.path / "manifest.json").read_text())["stages"]["judge"]
+        assert entry["rows"] == summary["rows"] and entry["workers"]
+        in_driver = [int(w.rpartition(":")[2]) == os.getpid() for w in entry["workers"]]
+        assert all(in_driver) if backend == "local" else not any(in_driver)
+    pd.testing.assert_frame_equal(tables["local"], tables["ray"])
+    assert set(tables["ray"]["label"]) <= {"safe", "unsafe", "error"}
+    assert tables["ray"].loc[tables["ray"].judge == "content", "score"].notna().any()

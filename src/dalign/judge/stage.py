@@ -99,65 +99,104 @@ def run_judge_models(run: RunDir, force: bool = False) -> dict:
     return _judge(run, "judge-models", pd.concat(frames, ignore_index=True), "judgments-models")
 
 
+class JudgeWorker:
+    """Labels one chunk of (candidate, judge) rows, all of one judge, into one committed shard of judgments.
+    Judges are built on first use and kept, so a model judge loads its model once per process (or Ray actor)."""
+
+    artifact = "judgments"
+
+    def __init__(self, run: RunDir):
+        self.cfg = run.config.judge
+        self.store = run.store(self.artifact)
+        self.keys = tuple(self.store.keys)
+        self.columns = [c for c in self.keys if c not in COLUMNS] + COLUMNS
+        self.fixed = _unfinished_result(self.cfg.unfinished)
+        self.cache = JudgmentCache(run.path / "judge-cache")
+        self.judges: dict[str, object] = {}
+
+    def _get(self, name: str):
+        if name not in self.judges:
+            self.judges[name] = None if name == "none" else get_judge(name, self.cfg)
+        return self.judges[name]
+
+    def __call__(self, chunk: pd.DataFrame) -> dict:
+        (name,) = set(chunk["judge"].astype(str))
+        judge = self._get(name)
+        rows = list(chunk.itertuples(index=False))
+        results = [_preset(r, judge, self.fixed) for r in rows]
+        ask = [i for i, res in enumerate(results) if res is None]
+        cached, bs = 0, max(1, self.cfg.batch_size)
+        for start in range(0, len(ask), bs):
+            part = ask[start : start + bs]
+            items = [
+                {"prompt": rows[i].prompt, "response": rows[i].response, "answer": _answer(rows[i])}
+                for i in part
+            ]
+            verdicts, hits = judge_cached(judge, items, self.cache)
+            cached += hits
+            for i, v in zip(part, verdicts, strict=True):
+                results[i] = v
+        out = [
+            {
+                **({"model": r.model} if "model" in self.keys else {}),
+                "benchmark": r.benchmark,
+                "prompt_id": str(r.prompt_id),
+                "candidate": int(r.candidate),
+                "judge": name,
+                "label": res["label"],
+                "score": res["score"],
+                "raw": res["raw"],
+                "unfinished": bool(r.unfinished),
+            }
+            for r, res in zip(rows, results, strict=True)
+        ]
+        return {"rows": self.store.write(_frame(out, self.columns)), "cached": cached}
+
+
+class ModelJudgeWorker(JudgeWorker):
+    artifact = "judgments-models"
+
+
+WORKERS = {
+    "judgments": "dalign.judge.stage:JudgeWorker",
+    "judgments-models": "dalign.judge.stage:ModelJudgeWorker",
+}
+
+
 def _judge(run: RunDir, stage: str, status: pd.DataFrame, artifact: str) -> dict:
-    """Label every (candidate, judge) of `status` not yet in `artifact`, in shards; finish the stage."""
+    """Label every (candidate, judge) of `status` not yet in `artifact`, one shard per chunk of one judge, on the
+    configured execution backend (Ray actors run model judges in parallel); finish the stage."""
+    from dalign.execution import execute
+
     cfg = run.config
     store = run.store(artifact)
     key_cols = list(store.keys)
-    columns = [c for c in key_cols if c not in COLUMNS] + COLUMNS
     retried = retry_errors(store)
     done = {tuple(map(str, k)) for k in store.done_keys()}
     df, warnings = plan(status, cfg.judge.judges)
-    fixed = _unfinished_result(cfg.judge.unfinished)
-    cache = JudgmentCache(run.path / "judge-cache")
     keys = zip(*(df[c] for c in key_cols), strict=True)
     todo = df[[tuple(map(str, k)) not in done for k in keys]]
-    new_rows, cached = 0, 0
-    bs = max(1, cfg.judge.batch_size)
+    # Only what a judge reads travels to a worker (not token ids or hidden states).
+    todo = todo[[*key_cols, "prompt", "response", "unfinished", *(c for c in ("answer",) if c in todo)]]
+    chunks = [
+        group.iloc[i : i + SHARD_ROWS]
+        for _, group in todo.groupby("judge", sort=True)
+        for i in range(0, len(group), SHARD_ROWS)
+    ]
+    new_rows, cached, workers = 0, 0, set()
     with Progress(
-        TextColumn("[bold]judge[/] {task.description}"),
+        TextColumn(f"[bold]{stage}[/]"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         transient=True,
     ) as progress:
-        for name, group in todo.groupby("judge", sort=True):
-            task = progress.add_task(str(name), total=len(group))
-            judge = None if name == "none" else get_judge(str(name), cfg.judge)
-            pending: list[dict] = []
-            for start in range(0, len(group), bs):
-                chunk = group.iloc[start : start + bs]
-                rows = list(chunk.itertuples(index=False))
-                results = [_preset(r, judge, fixed) for r in rows]
-                ask = [i for i, res in enumerate(results) if res is None]
-                if ask:
-                    items = [
-                        {"prompt": rows[i].prompt, "response": rows[i].response, "answer": _answer(rows[i])}
-                        for i in ask
-                    ]
-                    verdicts, hits = judge_cached(judge, items, cache)
-                    cached += hits
-                    for i, v in zip(ask, verdicts, strict=True):
-                        results[i] = v
-                for r, res in zip(rows, results, strict=True):
-                    pending.append(
-                        {
-                            **({"model": r.model} if "model" in key_cols else {}),
-                            "benchmark": r.benchmark,
-                            "prompt_id": str(r.prompt_id),
-                            "candidate": int(r.candidate),
-                            "judge": str(name),
-                            "label": res["label"],
-                            "score": res["score"],
-                            "raw": res["raw"],
-                            "unfinished": bool(r.unfinished),
-                        }
-                    )
-                if len(pending) >= SHARD_ROWS:
-                    new_rows += store.write(_frame(pending, columns))
-                    pending = []
-                progress.advance(task, len(chunk))
-            new_rows += store.write(_frame(pending, columns))
+        task = progress.add_task(stage, total=len(todo))
+        for stats in execute(run, WORKERS[artifact], chunks):
+            new_rows += stats.get("rows", 0)
+            cached += stats.get("cached", 0)
+            workers.add(stats["worker"])
+            progress.advance(task, stats["items"])
     table = store.read()
     errors = int((table["label"] == "error").sum()) if not table.empty else 0
     by_judge = (
@@ -178,6 +217,8 @@ def _judge(run: RunDir, stage: str, status: pd.DataFrame, artifact: str) -> dict
         errors=errors,
         labels=by_judge,
         warnings=warnings,
+        workers=sorted(workers),
+        backend=cfg.execution.backend,
     )
     return {
         "rows": len(table),
