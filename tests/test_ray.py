@@ -195,3 +195,32 @@ def test_ray_judge_with_a_model_judge_equals_local(
     pd.testing.assert_frame_equal(tables["local"], tables["ray"])
     assert set(tables["ray"]["label"]) <= {"safe", "unsafe", "error"}
     assert tables["ray"].loc[tables["ray"].judge == "content", "score"].notna().any()
+
+
+def test_ray_teach_with_a_model_teacher_equals_local(cluster, tmp_path, tiny_dir, tiny_adapter_dir, prompts):
+    """A model teacher runs in Ray actors; each chunk is seeded from its prompts, so sampled traces match."""
+    import json
+
+    from dalign.teach.stage import run_teach
+
+    teach_prompts = tmp_path / "teach.jsonl"
+    teach_prompts.write_text(
+        "".join(
+            json.dumps({"question": f"Question {i}: how do locks work?", "category": "illicit"}) + "\n"
+            for i in range(6)
+        )
+    )
+    tables = {}
+    for backend in ("local", "ray"):
+        cfg = _cfg(tmp_path, f"teach-{backend}", tiny_dir, tiny_adapter_dir, prompts, backend=backend)
+        cfg.teach.teacher = f"hf:{tiny_dir}"
+        cfg.teach.prompts = str(teach_prompts)
+        cfg.teach.max_new_tokens = 6
+        cfg.teach.temperature = 1.0
+        cfg.teach.batch_size = 2
+        run = RunDir.for_config(cfg)
+        assert run_teach(run)["new"] == 6
+        tables[backend] = run.read("traces").sort_values("prompt_id").reset_index(drop=True)
+        in_driver = [int(w.rpartition(":")[2]) == os.getpid() for w in run.stage_entry("teach")["workers"]]
+        assert all(in_driver) if backend == "local" else in_driver and not any(in_driver)
+    pd.testing.assert_frame_equal(tables["local"], tables["ray"])

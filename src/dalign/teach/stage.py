@@ -7,6 +7,7 @@ resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -146,19 +147,54 @@ def run_teach(run: RunDir, force: bool = False) -> dict:
     todo = prompts[~prompts["prompt_id"].isin(done)]
     requests, more = build_requests(spec, todo, render=cfg.teach.teacher != "corpus")
     warnings += more
-    teacher = get_teacher(cfg.teach.teacher, cfg.teach, cfg.model)
-    new = 0
+    new, workers = 0, set()
     with Progress(transient=True) as bar:
         task = bar.add_task(f"teach ({cfg.teach.teacher})", total=len(requests))
-        for rows in teacher.run(requests):
-            new += store.write(rows)
-            bar.advance(task, len(rows))
+        if cfg.teach.teacher == "corpus":  # no model: copying the shipped traces needs no workers
+            teacher = get_teacher(cfg.teach.teacher, cfg.teach, cfg.model)
+            for rows in teacher.run(requests):
+                new += store.write(rows)
+                bar.advance(task, len(rows))
+        else:  # a model teacher on the execution backend (Ray actors each load it once)
+            from dalign.execution import execute
+
+            work = pd.DataFrame([asdict(r) for r in requests])
+            size = max(1, cfg.teach.batch_size)
+            chunks = [work.iloc[i : i + size] for i in range(0, len(work), size)]
+            for stats in execute(run, "dalign.teach.stage:TeachWorker", chunks):
+                new += stats["rows"]
+                workers.add(stats["worker"])
+                bar.advance(task, stats["items"])
     traces = store.read()
     malformed = int(traces["malformed"].sum()) if len(traces) else 0
     if malformed:
         warnings.append(f"{malformed} malformed trace(s) (no final answer): recorded, kept out of training")
-    run.finish("teach", rows=len(traces), new=new, malformed=malformed, warnings=warnings)
+    run.finish(
+        "teach", rows=len(traces), new=new, malformed=malformed, warnings=warnings, workers=sorted(workers)
+    )
     return {"traces": len(traces), "new": new, "malformed": malformed, "teacher": cfg.teach.teacher}
+
+
+class TeachWorker:
+    """A model teacher loaded once per process (or Ray actor); one chunk of requests -> one shard of traces.
+    Each chunk seeds torch from its first prompt id, so sampled traces do not depend on which worker ran it."""
+
+    artifact = "traces"
+    keys = ("prompt_id",)
+
+    def __init__(self, run: RunDir):
+        cfg = run.config
+        self.teacher = get_teacher(cfg.teach.teacher, cfg.teach, cfg.model)
+        self.store = run.store(self.artifact)
+
+    def __call__(self, chunk: pd.DataFrame) -> dict:
+        import torch
+
+        from dalign.sample.sampler import derive_seed
+
+        torch.manual_seed(derive_seed(0, "teach", str(chunk["prompt_id"].iloc[0])))
+        requests = [TeachRequest(**r) for r in chunk.to_dict("records")]
+        return {"rows": sum(self.store.write(rows) for rows in self.teacher.run(requests))}
 
 
 NO_FILTER = "none"  # filter.judge value that keeps every well-formed trace (a curated corpus)
