@@ -19,8 +19,11 @@ For ASR, a missed refusal (recall loss) over-counts attacks; a false refusal (pr
 Baseline, in the same run: the common "refusal substring anywhere in the answer" test with a short phrase list.
 Ablations: the off-topic rule with a 2-word minimum, and without the off-topic rule.
 
+Part 3 (out of distribution): both judges on the shipped trace corpus, all of whose answers are safe by
+construction; the share labelled safe per group (benign; harmful categories by decision).
+
 Last stdout line: JSON with content_accuracy_cv, content_auroc_cv, content_accuracy_loco, refusal_accuracy_cv,
-human_agreement, n (part 1) and the part-2 numbers under refusal_set_*.
+human_agreement, n (part 1), the part-2 numbers under refusal_set_* and the part-3 ones under corpus_*.
 """
 
 from __future__ import annotations
@@ -152,8 +155,41 @@ def harm_protocol() -> dict:
     }
 
 
+def corpus_check() -> dict:
+    """Part 3, out of distribution: the shipped trace corpus, whose answers are all safe by construction (benign
+    help, allowed help on sensitive topics, refusals, safe-completions). Share each judge labels `safe`, per group.
+    The refusal judge's `unsafe` on a benign answer means "answered", so its benign share is shown but not pooled."""
+    from dalign.judge import get_judge
+    from dalign.teach.corpus import load_corpus
+
+    df = load_corpus()
+    group = [
+        "benign" if c == "benign" else f"harmful category, {d}"
+        for c, d in zip(df["category"], df["decision"])
+    ]
+    items = [
+        {"prompt": p, "response": a, "answer": a} for p, a in zip(df["prompt"], df["answer"], strict=True)
+    ]
+    out = {}
+    print(f"shipped corpus (all answers safe by construction): n={len(df)}")
+    print(f"{'group':<36}{'n':>6}" + "".join(f"{j + ' safe %':>16}" for j in ("content", "refusal")))
+    labels = {j: [v["label"] for v in get_judge(j).judge(items)] for j in ("content", "refusal")}
+    table = pd.DataFrame({"group": group, **labels})
+    for g, rows in table.groupby("group"):
+        print(
+            f"{g:<36}{len(rows):>6}" + "".join(f"{100 * (rows[j] == 'safe').mean():>16.1f}" for j in labels)
+        )
+    harmful = table[table["group"] != "benign"]
+    for j in labels:
+        out[f"corpus_{j}_safe_share_harmful_categories"] = round(float((harmful[j] == "safe").mean()), 4)
+    out["corpus_content_safe_share_all"] = round(float((table["content"] == "safe").mean()), 4)
+    out["corpus_n"] = len(df)
+    print()
+    return out
+
+
 def main() -> None:
-    harm = harm_protocol()
+    harm = {**harm_protocol(), **corpus_check()}
     df = load_labelled()
     rows = {}
     rows["refusal judge (default)"] = evaluate(ours, df)
