@@ -165,7 +165,7 @@ def corpus_check() -> dict:
     df = load_corpus()
     group = [
         "benign" if c == "benign" else f"harmful category, {d}"
-        for c, d in zip(df["category"], df["decision"])
+        for c, d in zip(df["category"], df["decision"], strict=True)
     ]
     items = [
         {"prompt": p, "response": a, "answer": a} for p, a in zip(df["prompt"], df["answer"], strict=True)
