@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tiny import KILL_HARMFUL as HARMFUL
+from tiny import write_prompt_files
 
 from dalign.config import load_config
 from dalign.pipeline import plan
@@ -14,15 +14,7 @@ from dalign.runner import run_pipeline
 
 
 def _config(tmp_path: Path, tiny_dir, adapter, teacher, **over):
-    harmful = tmp_path / "harmful.jsonl"
-    harmful.write_text("".join(json.dumps({"id": f"h{i}", "q": p}) + "\n" for i, p in enumerate(HARMFUL)))
-    math = tmp_path / "math.jsonl"
-    math.write_text(
-        "".join(
-            json.dumps({"id": f"m{i}", "q": f"What is {i} plus {i}?", "a": str(2 * i)}) + "\n"
-            for i in range(3)
-        )
-    )
+    harmful, math = write_prompt_files(tmp_path)
     common = {"name": "file", "path": str(harmful), "prompt_field": "q", "id_field": "id", "seed": 0}
     cfg = {
         "name": "models",

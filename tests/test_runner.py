@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tiny import KILL_HARMFUL as HARMFUL
-from tiny import kill_after_shards
+from tiny import kill_after_shards, write_prompt_files
 
 from dalign.config import ConfigError, load_config, to_yaml
 from dalign.pipeline import plan
@@ -17,21 +16,8 @@ from dalign.rundir import RunDir, StageMismatch
 from dalign.runner import run_pipeline
 
 
-def _write_files(tmp_path: Path) -> tuple[Path, Path]:
-    harmful = tmp_path / "harmful.jsonl"
-    harmful.write_text("".join(json.dumps({"id": f"h{i}", "q": p}) + "\n" for i, p in enumerate(HARMFUL)))
-    math = tmp_path / "math.jsonl"
-    math.write_text(
-        "".join(
-            json.dumps({"id": f"m{i}", "q": f"What is {i} plus {i}?", "a": str(2 * i)}) + "\n"
-            for i in range(3)
-        )
-    )
-    return harmful, math
-
-
 def tiny_config(tmp_path: Path, tiny_dir: Path, name: str = "e2e", **sample_over):
-    harmful, math = _write_files(tmp_path)
+    harmful, math = write_prompt_files(tmp_path)
     common = {"name": "file", "path": str(harmful), "prompt_field": "q", "id_field": "id", "seed": 0}
     cfg = {
         "name": name,

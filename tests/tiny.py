@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -361,3 +362,19 @@ def stage_seconds(run_path: Path, stage: str) -> float:
     e = json.loads((run_path / "manifest.json").read_text())["stages"][stage]
     dt = datetime.fromisoformat(e["finished"]) - datetime.fromisoformat(e["started"])
     return max(1.0, dt.total_seconds())
+
+
+def write_prompt_files(tmp_path: Path) -> tuple[Path, Path]:
+    """harmful.jsonl (KILL_HARMFUL, ids h0..) and math.jsonl (3 sums with answers, ids m0..) under tmp_path."""
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text(
+        "".join(json.dumps({"id": f"h{i}", "q": p}) + "\n" for i, p in enumerate(KILL_HARMFUL))
+    )
+    math = tmp_path / "math.jsonl"
+    math.write_text(
+        "".join(
+            json.dumps({"id": f"m{i}", "q": f"What is {i} plus {i}?", "a": str(2 * i)}) + "\n"
+            for i in range(3)
+        )
+    )
+    return harmful, math
