@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 
 import pandas as pd
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from dalign.attack import artifact
 from dalign.attack.loop import Behaviour, PairIteration, active, apply, restore
 from dalign.attack.prompts import target_string
 from dalign.config import RunConfig
+from dalign.progress import Progress
 from dalign.rundir import RunDir, adapter_dir
 
 

@@ -16,10 +16,11 @@ response, answer).
 from __future__ import annotations
 
 import pandas as pd
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from dalign.judge import get_judge, reasoning_closed, result
 from dalign.judge.cache import JudgmentCache, judge_cached
+from dalign.progress import Progress
 from dalign.rundir import RunDir
 
 COLUMNS = ["benchmark", "prompt_id", "candidate", "judge", "label", "score", "raw", "unfinished"]

@@ -9,7 +9,6 @@ import pandas as pd
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -20,6 +19,7 @@ from dalign.judge import reasoning_closed
 from dalign.models.chat import PromptTooLong, prompt_ids
 from dalign.models.loading import describe_dtype, load_model
 from dalign.models.pair import context_limit, load_pair, pair_tokenizer
+from dalign.progress import Progress
 from dalign.rundir import ARTIFACT_KEYS, RunDir, adapter_dir
 from dalign.sample.sampler import derive_seed, sample_batch
 

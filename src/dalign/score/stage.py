@@ -112,9 +112,10 @@ class ScoreWorker:
 
 def run_score(run: RunDir, force: bool = False) -> dict:
     """Stage contract (pipeline.py): read samples, write scores shards, resumable; returns a console summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from dalign.execution import execute
+    from dalign.progress import Progress
 
     cfg = run.config
     layers = validate(cfg)

@@ -11,9 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
-from rich.progress import Progress
 
 from dalign.config import RunConfig
+from dalign.progress import Progress
 from dalign.rundir import RunDir
 from dalign.teach.corpus import corpus_hash, load_corpus
 from dalign.teach.parse import parse_trace

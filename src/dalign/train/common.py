@@ -18,7 +18,6 @@ import torch
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -27,6 +26,7 @@ from transformers import TrainerCallback
 
 from dalign.config import config_hash
 from dalign.models.chat import THINK_CLOSE, THINK_OPEN
+from dalign.progress import Progress
 
 ThinkMode = Literal["text", "add"]
 
@@ -293,18 +293,8 @@ class LiveProgress(TrainerCallback):
         self.task = self.bar.add_task(self.what, total=state.max_steps, **self.fields)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is None:
-            return
-        self.bar.update(self.task, completed=state.global_step)
-        # Not a terminal (a log file, CI): the bar is not redrawn, so print a plain line every ~5 % of the steps.
-        every = max(1, state.max_steps // 20)
-        if not self.bar.console.is_terminal and (state.global_step % every == 0 or state.global_step == 1):
-            spent = time.perf_counter() - self.t0
-            eta = spent / state.global_step * (state.max_steps - state.global_step)
-            self.bar.console.print(
-                f"{self.what}: step {state.global_step}/{state.max_steps}  {self.fields['shown']}  "
-                f"{self.fields['tps']}  {spent / 60:.1f} min, ETA {eta / 60:.1f} min"
-            )
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is None or not logs:
