@@ -35,8 +35,9 @@ class Progress(rich.progress.Progress):
         if self._logged.get(task_id) == bucket:
             return
         self._logged[task_id] = bucket
+        # text fields as they are ("loss 2.31"), numbers with their name ("tps 118")
         fields = "  ".join(
-            f"{v:.4g}" if isinstance(v, float) else str(v) for v in task.fields.values() if str(v)
+            f"{k} {v:.4g}" if isinstance(v, int | float) else str(v) for k, v in task.fields.items() if str(v)
         )
         eta = task.time_remaining
         self.console.print(
