@@ -208,13 +208,11 @@ class BaseSampleWorker(SampleWorker):
         return load_model(m.student, m.dtype, m.device, m.trust_remote_code)
 
 
-class TeacherSampleWorker(SampleWorker):
+class TeacherSampleWorker(BaseSampleWorker):
     """The teacher model (teach.teacher), answering the benchmark prompts without the spec."""
 
     artifact = "samples-teacher"
     model_name = "teacher"
-
-    load = BaseSampleWorker.load
 
 
 WORKERS = {
