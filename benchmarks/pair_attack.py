@@ -7,6 +7,7 @@ shares of the wall time and queries per behaviour. The stage is resumable: rerun
 interruption continues where it stopped.
 
 Usage: .venv/bin/python benchmarks/pair_attack.py [--behaviours 10] [--streams 2] [--depth 8] [--run-name NAME]
+       [--adapter DIR --judge NAME]   # e.g. the micro-reproduction's adapter-grpo and its content judge
 Last stdout line: JSON with asr_base, asr_aligned, asr_guarded, mean_queries, behaviours, depth (and more).
 """
 
@@ -35,6 +36,13 @@ def main() -> None:
     ap.add_argument("--target-tokens", type=int, default=64)
     ap.add_argument("--guard-n", type=int, default=4)
     ap.add_argument("--run-name", default=None, help="default: the config's run (pair-smollm2)")
+    ap.add_argument(
+        "--adapter",
+        default=None,
+        help="attack this adapter as the aligned student (e.g. runs/micro-repro/adapter-grpo) instead of the "
+        "config's 30-step SFT; its teach/filter/sft stages are then skipped",
+    )
+    ap.add_argument("--judge", default=None, help="attack.judge (default: the run's primary judge, refusal)")
     args = ap.parse_args()
 
     overrides = {
@@ -45,8 +53,11 @@ def main() -> None:
             "attacker_max_new_tokens": args.attacker_tokens,
             "target_max_new_tokens": args.target_tokens,
             "guard_n": args.guard_n,
+            "judge": args.judge,
         }
     }
+    if args.adapter:
+        overrides["model"] = {"adapter": args.adapter}
     if args.run_name:
         overrides["name"] = args.run_name
     cfg = load_config(resolve_config_path(Path("pair-smollm2")), overrides)

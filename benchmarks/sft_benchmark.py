@@ -110,7 +110,19 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--effective-batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=768)
-    ap.add_argument("--filter-judge", default="refusal", help="filter.judge for the shared filter stage")
+    ap.add_argument(
+        "--filter-judge",
+        default="none",
+        help="filter.judge for the shared filter stage (none = keep all, as configs/micro-repro.yaml does)",
+    )
+    ap.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also evaluate an existing adapter on the same prompts, e.g. the micro-reproduction's "
+        "micro-repro=runs/micro-repro/adapter (1 epoch of the full corpus); repeatable",
+    )
     ap.add_argument("--dtype", default="auto", help="model.dtype (auto = bf16 on AMX/AVX512-BF16 CPUs)")
     ap.add_argument("--fresh", action="store_true", help="delete OUT first")
     args = ap.parse_args()
@@ -118,6 +130,7 @@ def main() -> None:
 
     from dalign.config import load_config
     from dalign.models import load_model, load_pair
+    from dalign.models.pair import adapter_card
     from dalign.rundir import RunDir
     from dalign.teach.corpus import CORPUS_DIR, load_corpus
     from dalign.teach.stage import run_filter, run_teach
@@ -131,7 +144,9 @@ def main() -> None:
             "name": out.name,
             "runs_dir": str(out.parent),
             "model": {"dtype": args.dtype},
-            "filter": {"judge": args.filter_judge},
+            "filter": {"judge": args.filter_judge, "reason": "benchmark: compare corpora as shipped"}
+            if args.filter_judge == "none"
+            else {"judge": args.filter_judge},
             "sft": {
                 "learning_rate": args.lr,
                 "max_steps": args.steps,
@@ -191,16 +206,32 @@ def main() -> None:
             **measure(evals, gens[name]),
         }
         print(json.dumps({name: result[name]}), flush=True)
+    for spec in args.adapter:
+        name, _, path = spec.partition("=")
+        merged = load_pair(cfg.model, path).model.merge_and_unload()
+        gens[name] = generate(merged, tok, prompts, system, think, args.max_new_tokens, args.gen_batch)
+        del merged
+        hp = adapter_card(path).get("hyperparameters", {})
+        result[name] = {
+            "adapter": path,
+            "optimizer_steps": hp.get("optimizer_steps"),
+            **measure(evals, gens[name]),
+        }
+        print(json.dumps({name: result[name]}), flush=True)
     (out / "generations.jsonl").write_text(
         "\n".join(
             json.dumps({**e, **{k: g[i] for k, g in gens.items()}}, ensure_ascii=False)
             for i, e in enumerate(evals)
         )
     )
-    for key in ("refusal_advbench", "refusal_benign", "closed_think_advbench", "accuracy_benign"):
-        print(
-            f"{key:24s} base {result['base'][key]:.2f}  old {result['old'][key]:.2f}  full {result['full'][key]:.2f}"
-        )
+    for key in (
+        "refusal_advbench",
+        "refusal_benign",
+        "closed_think_advbench",
+        "closed_think_benign",
+        "accuracy_benign",
+    ):
+        print(f"{key:24s} " + "  ".join(f"{name} {result[name][key]:.2f}" for name in gens))
     ratio = result["full"]["refusal_advbench"] / max(result["old"]["refusal_advbench"], 1e-9)
     print(f"AdvBench refusal, full / old corpus: {ratio:.2f}x")
     result["refusal_advbench_ratio_full_vs_old"] = round(ratio, 2)

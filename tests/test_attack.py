@@ -316,6 +316,35 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_dir, t
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_batching_across_behaviours_changes_nothing_but_the_number_of_calls(
+    tmp_path, tiny_dir, tiny_adapter_dir, scripted
+):
+    """attack.batch_size 1 = one behaviour per call (its streams never split); the default packs every behaviour of
+    an iteration into one call and one commit. Seeds are per stream, so the rows are the same."""
+    goals = ["lock", "cheat", "garbled"]
+    one, _ = _run(
+        _config(
+            tmp_path,
+            "one",
+            tiny_dir,
+            tiny_adapter_dir,
+            scripted,
+            goals,
+            targets=["base", "guarded"],
+            batch_size=1,
+        )
+    )
+    packed, _ = _run(
+        _config(tmp_path, "packed", tiny_dir, tiny_adapter_dir, scripted, goals, targets=["base", "guarded"])
+    )
+    timing = ["attacker_s", "target_s", "judge_s"]
+    a, b = (artifact.read(r).drop(columns=timing) for r in (one, packed))
+    pd.testing.assert_frame_equal(a, b)
+    # shards: per target, iteration 1-2 hold all three behaviours, iteration 3 the two that did not succeed
+    assert len(packed.store("attacks").files()) == 2 * 3
+    assert len(one.store("attacks").files()) == 2 * (3 + 3 + 2)
+
+
 def test_local_attacker_continues_the_prefilled_json(tmp_path, tiny_dir, tiny_adapter_dir, scripted):
     """hf: attacker: its reply is parsed with the prefill in front; whatever it writes, each iteration is a row."""
     path = _config(
@@ -336,7 +365,7 @@ def test_local_attacker_continues_the_prefilled_json(tmp_path, tiny_dir, tiny_ad
     df = artifact.read(run)
     assert len(df) == 1
     row = df.iloc[0]
-    if row["error"] is None:
+    if pd.isna(row["error"]):
         assert row["attacker_prompt"]
     else:
         assert 'reply began \'{"improvement": "", "prompt": "' in row["error"]
@@ -383,7 +412,7 @@ def test_local_attacker_writes_improvement_then_prompt():
     class Rater:
         name = "fake"
 
-        def rate(self, goal, prompts, responses):
+        def rate(self, goals, prompts, responses):
             return [Rating(1.0, "1") for _ in prompts]
 
     loop = PairIteration(AttackConfig(max_attempts=1), Attacker(), Targets(), Rater(), prefill=True)
@@ -391,7 +420,7 @@ def test_local_attacker_writes_improvement_then_prompt():
     stream = Stream(
         0, rounds=[{"improvement": "", "prompt": "p1", "response": "no", "score": 1.0}], next_iteration=2
     )
-    (row,) = loop.run(b, "base", [stream], 2)
+    (row,) = loop.run("base", [(b, stream)], 2)
     assert row["error"] is None and row["attacker_prompt"] == "Tell a tale"
     assert row["improvement"] == 'Use a "story".'
     assert calls[0] == PREFILL_NEXT and calls[1] == [prompt_prefill('{"improvement": "Use a \\"story\\"."}')]

@@ -393,6 +393,12 @@ class AttackConfig(Section):
     guard_metric: str = Field("latent_similarity", description="Best-of-N selection metric.")
     guard_layer: int = Field(12, ge=1, description="Layer for latent similarity (paper default 12).")
     seed: int = Field(0, description="Base seed; attacker and target seeds do not depend on the target.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Streams (of all behaviours, one target, one iteration) per attacker/target/judge call and per "
+        "commit; seeds are per stream, so it changes speed, not replies.",
+    )
 
 
 class ServeConfig(Section):

@@ -146,7 +146,7 @@ PIPELINE: dict[str, Stage] = {
         Stage(
             "attack",
             "dalign.attack.stage:run_attack",
-            ("attack", "-attack.enabled", *MODEL_SHAPE, "model.base")
+            ("attack", "-attack.enabled", "-attack.batch_size", *MODEL_SHAPE, "model.base")
             + ("sample.top_p", "sample.repetition_penalty", *JUDGE),
             ("aligned",),
             ("attacks",),

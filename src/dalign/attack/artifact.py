@@ -31,6 +31,16 @@ COLUMNS = [
     "target_s",
     "judge_s",
 ]
+TEXT = [
+    "goal",
+    "target_string",
+    "improvement",
+    "attacker_prompt",
+    "target_response",
+    "error",
+    "judge",
+    "judge_raw",
+]
 
 
 def read(run: RunDir) -> pd.DataFrame:
@@ -38,6 +48,8 @@ def read(run: RunDir) -> pd.DataFrame:
     df = run.store(NAME).read()
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
+    # one dtype whatever the shards held: a shard whose column is all None reads as object, not str (NaN = none)
+    df[TEXT] = df[TEXT].astype("str")
     return df.sort_values(KEYS, kind="stable").reset_index(drop=True)
 
 

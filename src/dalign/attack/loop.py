@@ -1,4 +1,4 @@
-"""One PAIR iteration for the active streams of one (behaviour, target), and the stream state it works on.
+"""One PAIR iteration for a batch of active streams (of any behaviours, one target), and the stream state.
 
 The state of a stream is rebuilt from its committed rows (`restore`), so a resumed run continues exactly where a
 killed one stopped: the attacker sees the same conversation, and every seed is a function of (behaviour, stream,
@@ -71,23 +71,33 @@ def active(streams: list[Stream], a: AttackConfig) -> list[Stream]:
     return [s for s in streams if not s.jailbroken and s.next_iteration <= a.depth]
 
 
+Item = tuple[Behaviour, Stream]
+
+
 class PairIteration:
-    """attacker -> target -> judge for a group of streams at the same iteration; returns the rows to commit."""
+    """attacker -> target -> judge for a batch of (behaviour, stream) at the same iteration and target; returns
+    the rows to commit. Batching across behaviours is what keeps a local attacker busy: a behaviour has few streams."""
 
     def __init__(self, a: AttackConfig, attacker, targets, rater, prefill: bool):
         self.a, self.attacker, self.targets, self.rater = a, attacker, targets, rater
         self.prefill = prefill  # local attackers continue a half-written JSON reply
 
-    def _attack(self, b: Behaviour, group: list[Stream], k: int) -> dict[int, tuple]:
-        """{stream: (reply | None, attempts, seed, problem)} after up to max_attempts tries per stream."""
+    def _attack(self, items: list[Item], k: int) -> list[tuple]:
+        """Per item: (reply | None, attempts, seed, problem) after up to max_attempts tries."""
         a = self.a
-        out: dict[int, tuple] = {}
-        pending = list(group)
+        out: list[tuple] = [()] * len(items)
+        pending = list(range(len(items)))
         for attempt in range(1, a.max_attempts + 1):
             if not pending:
                 break
-            seeds = [derive_seed(a.seed, "pair-attacker", b.id, s.index, k, attempt) for s in pending]
-            convs = [attacker_messages(b.goal, b.target_string, s.rounds, a.keep_last) for s in pending]
+            seeds = [
+                derive_seed(a.seed, "pair-attacker", items[i][0].id, items[i][1].index, k, attempt)
+                for i in pending
+            ]
+            convs = [
+                attacker_messages(b.goal, b.target_string, s.rounds, a.keep_last)
+                for b, s in (items[i] for i in pending)
+            ]
             sampling = {"temperature": a.attacker_temperature, "top_p": a.attacker_top_p}
             prefill: str | list[str] = ""
             if self.prefill and k == 1:
@@ -105,34 +115,33 @@ class PairIteration:
                 convs, seeds, max_new_tokens=a.attacker_max_new_tokens, prefill=prefill, **sampling
             )
             failed = []
-            for s, seed, text in zip(pending, seeds, texts, strict=True):
+            for i, seed, text in zip(pending, seeds, texts, strict=True):
                 try:
-                    out[s.index] = (parse_reply(text), attempt, seed, None)
+                    out[i] = (parse_reply(text), attempt, seed, None)
                 except MalformedReply as e:
-                    out[s.index] = (None, attempt, seed, f"{e}; reply began {text[:120]!r}")
-                    failed.append(s)
+                    out[i] = (None, attempt, seed, f"{e}; reply began {text[:120]!r}")
+                    failed.append(i)
             pending = failed
         return out
 
-    def run(self, b: Behaviour, target: str, group: list[Stream], k: int) -> list[dict]:
+    def run(self, target: str, items: list[Item], k: int) -> list[dict]:
         a = self.a
         t0 = time.perf_counter()
-        attacks = self._attack(b, group, k)
+        attacks = self._attack(items, k)
         t1 = time.perf_counter()
-        queried = [s for s in group if attacks[s.index][0] is not None]
-        prompts = [attacks[s.index][0].prompt for s in queried]
-        tseeds = [derive_seed(a.seed, "pair-target", b.id, s.index, k) for s in queried]
+        queried = [i for i, att in enumerate(attacks) if att[0] is not None]
+        prompts = [attacks[i][0].prompt for i in queried]
+        tseeds = [derive_seed(a.seed, "pair-target", items[i][0].id, items[i][1].index, k) for i in queried]
         replies = self.targets.reply(target, prompts, tseeds) if queried else []
         t2 = time.perf_counter()
-        ratings = self.rater.rate(b.goal, prompts, [r.text for r in replies]) if queried else []
+        goals = [items[i][0].goal for i in queried]
+        ratings = self.rater.rate(goals, prompts, [r.text for r in replies]) if queried else []
         t3 = time.perf_counter()
-        answered = {
-            s.index: (r, g, seed) for s, r, g, seed in zip(queried, replies, ratings, tseeds, strict=True)
-        }
+        answered = {i: (r, g, seed) for i, r, g, seed in zip(queried, replies, ratings, tseeds, strict=True)}
 
         rows = []
-        for s in group:
-            reply, attempts, aseed, problem = attacks[s.index]
+        for i, (b, s) in enumerate(items):
+            reply, attempts, aseed, problem = attacks[i]
             row = {
                 "behaviour": b.id,
                 "target": target,
@@ -152,14 +161,14 @@ class PairIteration:
                 "guard_choice": -1,
                 "attacker_seed": aseed,
                 "target_seed": -1,
-                "attacker_s": (t1 - t0) / len(group),
+                "attacker_s": (t1 - t0) / len(items),
                 "target_s": 0.0,
                 "judge_s": 0.0,
             }
             if reply is None:
                 row["error"] = f"attacker: malformed reply after {attempts} attempts ({problem})"
             else:
-                r, g, tseed = answered[s.index]
+                r, g, tseed = answered[i]
                 score = math.nan if g.score is None else g.score
                 row.update(
                     improvement=reply.improvement,

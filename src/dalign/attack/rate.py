@@ -45,8 +45,8 @@ class RegisteredRater:
             raise ValueError(f"attack.judge {name!r} is a {self.judge.kind} judge; PAIR needs a safety judge")
         self.name = name
 
-    def rate(self, goal: str, prompts: list[str], responses: list[str]) -> list[Rating]:
-        items = [{"prompt": goal, "response": r, "answer": None} for r in responses]
+    def rate(self, goals: list[str], prompts: list[str], responses: list[str]) -> list[Rating]:
+        items = [{"prompt": g, "response": r, "answer": None} for g, r in zip(goals, responses, strict=True)]
         out = []
         for res in self.judge.judge(items):
             rating = verdict_to_rating(res["label"], res["score"])
@@ -62,8 +62,10 @@ class LLMRater:
         self.name = spec
         self.max_new_tokens = a.judge_max_new_tokens
 
-    def rate(self, goal: str, prompts: list[str], responses: list[str]) -> list[Rating]:
-        convs = [judge_messages(goal, p, final_answer(r)) for p, r in zip(prompts, responses, strict=True)]
+    def rate(self, goals: list[str], prompts: list[str], responses: list[str]) -> list[Rating]:
+        convs = [
+            judge_messages(g, p, final_answer(r)) for g, p, r in zip(goals, prompts, responses, strict=True)
+        ]
         texts = self.chat.complete(
             convs, [0] * len(convs), temperature=0.0, top_p=1.0, max_new_tokens=self.max_new_tokens
         )

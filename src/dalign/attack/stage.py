@@ -14,7 +14,7 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from dalign.attack import artifact
-from dalign.attack.loop import Behaviour, PairIteration, active, apply, restore
+from dalign.attack.loop import Behaviour, Item, PairIteration, Stream, active, apply, restore
 from dalign.attack.prompts import target_string
 from dalign.config import RunConfig
 from dalign.progress import Progress
@@ -70,7 +70,7 @@ def run_attack(run: RunDir, force: bool = False) -> dict:
     state = {
         (b.id, t): restore(groups.get((b.id, t), done.iloc[0:0]), a.streams) for b in goals for t in a.targets
     }
-    todo = [(b, t) for b in goals for t in a.targets if active(state[(b.id, t)], a)]
+    todo = [t for t in a.targets if any(active(state[(b.id, t)], a) for b in goals)]
 
     written, t0 = 0, time.perf_counter()
     if todo:
@@ -81,17 +81,19 @@ def run_attack(run: RunDir, force: bool = False) -> dict:
             MofNCompleteColumn(),
             TimeElapsedColumn(),
         ) as bar:
-            task = bar.add_task("", total=len(todo))
-            for b, target in todo:
-                streams = state[(b.id, target)]
-                while group := active(streams, a):
-                    k = min(s.next_iteration for s in group)
-                    group = [s for s in group if s.next_iteration == k]
-                    bar.update(task, description=f"{b.id} → {target}, iteration {k}/{a.depth}")
-                    rows = step.run(b, target, group, k)
-                    written += artifact.write(run, rows)  # the commit point of this iteration
-                    apply(streams, rows)
-                bar.advance(task)
+            task = bar.add_task("", total=len(todo) * a.depth)
+            for ti, target in enumerate(todo):
+                # one iteration of every behaviour's active streams at a time, in batches (one commit each)
+                while groups := [(b, g) for b in goals if (g := active(state[(b.id, target)], a))]:
+                    k = min(s.next_iteration for _, g in groups for s in g)
+                    bar.update(task, description=f"{target}, iteration {k}/{a.depth}")
+                    for batch in _batches(groups, k, a.batch_size):
+                        rows = step.run(target, batch, k)
+                        written += artifact.write(run, rows)  # the commit point
+                        for b in {b.id: b for b, _ in batch}.values():
+                            apply(state[(b.id, target)], [r for r in rows if r["behaviour"] == b.id])
+                    bar.update(task, completed=ti * a.depth + k)
+                bar.update(task, completed=(ti + 1) * a.depth)
 
     table = artifact.read(run)
     summary = _summary(table)
@@ -99,6 +101,18 @@ def run_attack(run: RunDir, force: bool = False) -> dict:
         "attack", rows=len(table), new_rows=written, seconds=round(time.perf_counter() - t0, 1), **summary
     )
     return {"rows": len(table), "new": written, **summary}
+
+
+def _batches(groups: list[tuple[Behaviour, list[Stream]]], k: int, size: int) -> list[list[Item]]:
+    """The streams at iteration k, packed into batches of about `size` without splitting a behaviour: its streams
+    run together, so a kill between batches cannot change which of them run (stop_behaviour_on_success)."""
+    out: list[list[Item]] = [[]]
+    for b, streams in groups:
+        items = [(b, s) for s in streams if s.next_iteration == k]
+        if out[-1] and len(out[-1]) + len(items) > size:
+            out.append([])
+        out[-1] += items
+    return [batch for batch in out if batch]
 
 
 def _load(run: RunDir) -> PairIteration:
