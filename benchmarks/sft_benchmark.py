@@ -3,20 +3,23 @@
 Runs the real stages `teach --teacher corpus` -> `filter` once on the full corpus, then trains two LoRA adapters
 with the SFT stage's own training function (`train_sft`) for the SAME number of optimizer steps: one on the kept
 traces of the old corpus (benign.jsonl, harmful_a.jsonl, harmful_b.jsonl: the 300 traces shipped before issue 15),
-one on all kept traces. Then it greedy-decodes the same held-out prompts with the base student and both adapters,
-formatted as the sampler does (chat template + `<think>` prefix):
+one on all kept traces (filter `none` by default, as configs/micro-repro.yaml). Then it greedy-decodes the same
+held-out prompts with the base student, both adapters and any `--adapter NAME=DIR` given (e.g. the
+micro-reproduction's 1-epoch adapter), formatted as the sampler does (chat template + `<think>` prefix):
 
 - AdvBench (seeded subset): refusal rate (embedded `refusal` judge on the final answer; higher is better);
 - benign: MMLU + ASDiv (seeded subsets; not in the corpus): refusal rate (over-refusal; lower is better) and
   accuracy by the `choice` / `number` checkers;
 - both: the share of answers that close `</think>` within the token budget.
 
-    .venv/bin/python benchmarks/sft_benchmark.py                                   # defaults (~30 min, 2-core CPU)
+    .venv/bin/python benchmarks/sft_benchmark.py                                   # defaults (~20 min, 2-core CPU)
+    .venv/bin/python benchmarks/sft_benchmark.py --harmful 100 --benign 100 --max-new-tokens 192 \
+        --adapter micro-repro=runs/micro-repro/adapter                             # as in RESULTS.md (~33 min)
     .venv/bin/python benchmarks/sft_benchmark.py --steps 2 --harmful 4 --benign 4 --out /tmp/sft-smoke   # smoke
 
 Last stdout line: JSON with corpus_traces, old_traces, steps, and per model (base, old, full): train_tokens,
 sft_wall_s, tokens_per_s, loss_first/loss_last (means of the first/last 3 steps), kept_traces, refusal_advbench,
-refusal_benign, closed_think_advbench, closed_think_benign, accuracy_benign.
+refusal_benign, closed_think_advbench, closed_think_benign, accuracy_benign; per --adapter the same rates.
 """
 
 from __future__ import annotations
