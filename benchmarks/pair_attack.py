@@ -53,9 +53,10 @@ def main() -> None:
             "attacker_max_new_tokens": args.attacker_tokens,
             "target_max_new_tokens": args.target_tokens,
             "guard_n": args.guard_n,
-            "judge": args.judge,
         }
     }
+    if args.judge:
+        overrides["attack"]["judge"] = args.judge
     if args.adapter:
         overrides["model"] = {"adapter": args.adapter}
     if args.run_name:

@@ -176,6 +176,13 @@ def main() -> None:
     print(f"base generation: {time.perf_counter() - t0:.0f} s", flush=True)
     del model
 
+    def decode_with(name: str, adapter) -> None:
+        """Greedy generations of the student + `adapter` (merged) into gens[name]."""
+        merged = load_pair(cfg.model, adapter).model.merge_and_unload()
+        t0 = time.perf_counter()
+        gens[name] = generate(merged, tok, prompts, system, think, args.max_new_tokens, args.gen_batch)
+        print(f"{name} generation: {time.perf_counter() - t0:.0f} s", flush=True)
+
     result = {
         "corpus_traces": teach["traces"],
         "old_traces": len(old_ids),
@@ -192,11 +199,7 @@ def main() -> None:
         )
         loss = [h["loss"] for h in card["loss"]]  # per optimizer step
         print(f"sft {name}: {len(rows)} traces, {card['runtime_s']:.0f} s, loss {loss}", flush=True)
-        merged = load_pair(cfg.model, out / f"adapter-{name}").model.merge_and_unload()
-        t0 = time.perf_counter()
-        gens[name] = generate(merged, tok, prompts, system, think, args.max_new_tokens, args.gen_batch)
-        print(f"{name} generation: {time.perf_counter() - t0:.0f} s", flush=True)
-        del merged
+        decode_with(name, out / f"adapter-{name}")
         result[name] = {
             "kept_traces": len(rows),
             "train_tokens": card["tokens"],
@@ -211,9 +214,7 @@ def main() -> None:
         print(json.dumps({name: result[name]}), flush=True)
     for spec in args.adapter:
         name, _, path = spec.partition("=")
-        merged = load_pair(cfg.model, path).model.merge_and_unload()
-        gens[name] = generate(merged, tok, prompts, system, think, args.max_new_tokens, args.gen_batch)
-        del merged
+        decode_with(name, path)
         hp = adapter_card(path).get("hyperparameters", {})
         result[name] = {
             "adapter": path,

@@ -88,10 +88,10 @@ def run_attack(run: RunDir, force: bool = False) -> dict:
                     k = min(s.next_iteration for _, g in groups for s in g)
                     bar.update(task, description=f"{target}, iteration {k}/{a.depth}")
                     for batch in _batches(groups, k, a.batch_size):
-                        rows = step.run(target, batch, k)
+                        rows = step.run(target, batch, k)  # one row per item, in order
                         written += artifact.write(run, rows)  # the commit point
-                        for b in {b.id: b for b, _ in batch}.values():
-                            apply(state[(b.id, target)], [r for r in rows if r["behaviour"] == b.id])
+                        for (b, _), row in zip(batch, rows, strict=True):
+                            apply(state[(b.id, target)], [row])
                     bar.update(task, completed=ti * a.depth + k)
                 bar.update(task, completed=(ti + 1) * a.depth)
 
