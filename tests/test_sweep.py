@@ -25,7 +25,12 @@ HARMFUL = [
 
 
 def _sweep_file(
-    tmp_path: Path, tiny_dir: Path, tiny_qwen_dir: Path, name: str = "grid", one_teacher: bool = False
+    tmp_path: Path,
+    tiny_dir: Path,
+    tiny_qwen_dir: Path,
+    name: str = "grid",
+    one_teacher: bool = False,
+    models: list[str] | None = None,
 ) -> Path:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": p, "category": "illicit"}) + "\n" for p in PROMPTS))
@@ -43,6 +48,7 @@ def _sweep_file(
             "judge": {"judges": ["refusal"]},
             "sft": {"max_steps": 1, "per_device_batch_size": 2, "effective_batch_size": 2, "max_length": 256},
             "sample": {
+                "models": models or ["aligned"],
                 "n": 2,
                 "max_new_tokens": 4,
                 "datasets": [
@@ -96,7 +102,7 @@ def test_expand_labels_and_bad_grid(tmp_path, tiny_dir, tiny_qwen_dir):
 
 
 def test_sweep_shares_stages_and_aggregates(tmp_path, tiny_dir, tiny_qwen_dir):
-    sweep = load_sweep(_sweep_file(tmp_path, tiny_dir, tiny_qwen_dir))
+    sweep = load_sweep(_sweep_file(tmp_path, tiny_dir, tiny_qwen_dir, models=["aligned", "base", "teacher"]))
     out = run_sweep(sweep)
     runs = expand(sweep)
     shared = {
@@ -128,6 +134,22 @@ def test_sweep_shares_stages_and_aggregates(tmp_path, tiny_dir, tiny_qwen_dir):
         assert d["runs"] == 4
         assert (d["value"] is None and not clean) or d["value"] == pytest.approx(sum(clean) / len(clean))
     assert (tmp_path / "runs" / "grid" / "figures" / "sweep-heatmap.png").stat().st_size > 0
+    # one student's base samples serve both its teachers; one teacher's samples serve both its students
+    for stage in ("sample-base", "sample-teacher"):
+        assert len([k for k, v in shared.items() if k[1] == stage and v]) == 2, stage
+    # the compared models: per benchmark and model, the mean over runs of each run's results.json value
+    models = agg["models"]["harm"]["models"]
+    assert set(models) >= {"teacher", "base", "aligned"}
+    for m, d in models.items():
+        vals = [
+            json.loads((r.path / "results.json").read_text())["models"]["harm"]["models"][m]["value"]
+            for r in runs
+        ]
+        clean = [v for v in vals if v is not None and not math.isnan(v)]
+        assert d["runs"] == 4
+        assert (d["value"] is None and not clean) or d["value"] == pytest.approx(sum(clean) / len(clean))
+    assert "## Models compared" in (tmp_path / "runs" / "grid" / "sweep.md").read_text()
+    assert (tmp_path / "runs" / "grid" / "figures" / "sweep-models.png").stat().st_size > 0
     assert out["shared"]["teach"]
     # a second call reuses everything: no stage runs again
     before = {r.label: (r.path / "scores.parquet" / "_index.json").read_text() for r in runs}
@@ -181,3 +203,23 @@ def test_paper_sweep_dry_run_lists_42_pairs_and_writes_nothing(tmp_path):
     assert sorted(len(g) for g in out["shared"]["teach"]) == [6] * 7
     assert set(out["shared"]) <= {"teach", "filter"}
     assert not (tmp_path / "r").exists()
+
+
+def test_models_aggregate_is_the_mean_over_runs(tmp_path):
+    """The alignment-gap table of a sweep, on hand-made results.json files: means over runs, runs counted."""
+    from types import SimpleNamespace
+
+    from dalign.sweep import aggregate
+
+    values = {"a": {"base": 0.5, "aligned": 0.25}, "b": {"base": 0.75, "aligned": None}}
+    runs = []
+    for label, vals in values.items():
+        (tmp_path / label).mkdir()
+        res = {"models": {"adv": {"kind": "safety", "models": {m: {"value": v} for m, v in vals.items()}}}}
+        (tmp_path / label / "results.json").write_text(json.dumps(res))
+        runs.append(SimpleNamespace(label=label, path=tmp_path / label))
+    models = aggregate(runs, n_boot=50)["models"]["adv"]["models"]
+    assert models["base"]["value"] == pytest.approx(0.625) and models["base"]["runs"] == 2
+    lo, hi = models["base"]["ci"]
+    assert 0.5 <= lo <= 0.625 <= hi <= 0.75
+    assert models["aligned"]["value"] == pytest.approx(0.25)  # a run without a value is left out

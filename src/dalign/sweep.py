@@ -272,6 +272,11 @@ def aggregate(runs: list[SweepRun], n_boot: int = 1000, seed: int = 0) -> dict:
             }
             for kind in ("safety", "utility")
         }
+        # the compared models (sample.models): each model's single-sample rate per benchmark
+        per_run[r.label]["models"] = {
+            bench: {"kind": blk["kind"], "models": {m: row.get("value") for m, row in blk["models"].items()}}
+            for bench, blk in (res.get("models") or {}).items()
+        }
     table: dict[str, dict] = {"safety": {}, "utility": {}}
     for kind in table:
         benches = sorted({b for pr in per_run.values() for b in pr[kind]})
@@ -289,7 +294,23 @@ def aggregate(runs: list[SweepRun], n_boot: int = 1000, seed: int = 0) -> dict:
                     "relative_drop": dm,
                     "relative_drop_ci": [dlo, dhi],
                 }
-    return {"runs": [r.label for r in runs], "missing": missing, "table": table, "per_run": per_run}
+    models: dict[str, dict] = {}
+    for pr in per_run.values():
+        for bench, blk in pr["models"].items():
+            entry = models.setdefault(bench, {"kind": blk["kind"], "models": {}})
+            for m, v in blk["models"].items():
+                entry["models"].setdefault(m, []).append(_num(v))
+    for entry in models.values():
+        for m, vals in entry["models"].items():
+            mean, lo, hi = _mean_ci(vals, n_boot, seed)
+            entry["models"][m] = {"runs": len(vals), "value": mean, "ci": [lo, hi]}
+    return {
+        "runs": [r.label for r in runs],
+        "missing": missing,
+        "table": table,
+        "models": models,
+        "per_run": per_run,
+    }
 
 
 def _pct(x: float | None) -> str:
@@ -325,6 +346,7 @@ def write_aggregate(sweep_dir: Path, agg: dict) -> list[Path]:
                     f"{_pct(d['relative_drop'])} {_ci(d['relative_drop_ci'])} |"
                 )
             lines.append("")
+    lines += _models_lines(agg)
     lines += ["## Per run: ASR % (relative drop %)", ""]
     for label, pr in agg["per_run"].items():
         cells = [
@@ -335,8 +357,46 @@ def write_aggregate(sweep_dir: Path, agg: dict) -> list[Path]:
         lines.append(f"- **{label}**: " + "; ".join(cells))
     atomic_write_text(sweep_dir / "sweep.md", "\n".join(lines) + "\n")
     written = [sweep_dir / "sweep.json", sweep_dir / "sweep.md"]
-    fig = _heatmap(sweep_dir / "figures" / "sweep-heatmap.png", agg)
-    return written + ([fig] if fig else [])
+    figs = [_heatmap(sweep_dir / "figures" / "sweep-heatmap.png", agg)]
+    if agg["models"]:
+        from dalign.report.figures import models_figure
+
+        figs.append(
+            models_figure(
+                agg["models"],
+                sweep_dir / "figures" / "sweep-models.png",
+                title="Models compared: single-sample rate, mean over runs (95 % CI over runs)",
+            )
+        )
+    return written + [f for f in figs if f]
+
+
+def _models_lines(agg: dict) -> list[str]:
+    """The alignment gap over the sweep: per benchmark, each compared model's mean single-sample rate."""
+    from dalign.report.figures import MODEL_ORDER
+
+    if not agg["models"]:
+        return []
+    names = [m for m in MODEL_ORDER if any(m in b["models"] for b in agg["models"].values())]
+    lines = [
+        "## Models compared: single-sample rate % (candidate 0, same prompts and seeds), mean over runs "
+        "[95 % CI over runs]",
+        "",
+        "| benchmark | kind | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for bench, b in agg["models"].items():
+        cells = [f"{_pct(d['value'])} {_ci(d['ci'])}" if (d := b["models"].get(m)) else "—" for m in names]
+        lines.append(f"| {bench} | {b['kind']} | " + " | ".join(cells) + " |")
+    lines += ["", "Per run:", ""]
+    for label, pr in agg["per_run"].items():
+        cells = [
+            f"{bench} "
+            + ", ".join(f"{m} {_pct(_num(blk['models'].get(m)))}" for m in names if m in blk["models"])
+            for bench, blk in pr["models"].items()
+        ]
+        lines.append(f"- **{label}**: " + "; ".join(cells))
+    return lines + [""]
 
 
 def _heatmap(path: Path, agg: dict) -> Path | None:

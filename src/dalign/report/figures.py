@@ -252,7 +252,11 @@ def ablation_figure(
 MODEL_ORDER = ["teacher", "base", "aligned", "aligned + guard"]
 
 
-def models_figure(models: dict[str, dict], path: Path) -> Path | None:
+def models_figure(
+    models: dict[str, dict],
+    path: Path,
+    title: str = "Models compared: single-sample rate and the guard (95 % CI)",
+) -> Path | None:
     """The alignment gap: per benchmark, each compared model's rate with its 95 % CI, side by side."""
     benches = sorted(models)
     if not benches:
@@ -270,7 +274,7 @@ def models_figure(models: dict[str, dict], path: Path) -> Path | None:
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
         ax.set_ylabel("ASR (%)" if models[bench]["kind"] == "safety" else "accuracy (%)")
         ax.set_title(bench, fontsize=9)
-    fig.suptitle("Models compared: single-sample rate and the guard (95 % CI)")
+    fig.suptitle(title)
     return _save(fig, path)
 
 
