@@ -132,7 +132,7 @@ def test_teacher_needs_a_local_model(tmp_path, tiny_dir, tiny_adapter_dir):
 
     cfg = _config(tmp_path, tiny_dir, tiny_adapter_dir, tiny_dir)
     cfg.teach.teacher = "corpus"
-    with pytest.raises(ValueError, match="only a local teacher model"):
+    with pytest.raises(ValueError, match="only a teacher model"):
         run_sample_teacher(RunDir(cfg.run_dir, cfg))
     with pytest.raises(ValueError, match="must list aligned"):
         load_config(overrides={"sample": {"models": ["base"]}})

@@ -4,6 +4,8 @@ nothing listens (connection refused, retried by the SDK, then a clear error)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from servers import TransformersServer, free_port
 
@@ -63,3 +65,61 @@ def test_rubric_judge_unreachable_is_error_never_safe():
     judge = RubricJudge(JudgeConfig(judges=["strongreject-rubric"], model="m"), endpoint=dead)
     out = judge.judge([{"prompt": "p", "response": "r"}])
     assert out[0]["label"] == "error" and "cannot reach" in out[0]["raw"]
+
+
+def test_openai_teacher_is_sampled_on_the_benchmark_prompts(server, monkeypatch, tmp_path, tiny_dir):
+    """sample.models: teacher with teach.teacher = openai:<model>: chat requests with each candidate's seed, rows
+    tagged teacher, the server's token counts, and a rerun that asks for nothing new."""
+    from tiny import write_prompt_files
+
+    from dalign.config import load_config
+    from dalign.models import load_tokenizer
+    from dalign.rundir import RunDir
+    from dalign.sample.sampler import derive_seed
+    from dalign.sample.stage import run_sample_teacher
+
+    monkeypatch.setenv("DALIGN_OPENAI_BASE_URL", server.base_url)
+    harmful, _ = write_prompt_files(tmp_path)
+    eos = load_tokenizer(f"hf:{tiny_dir}").eos_token_id
+    sampling = json.dumps({"do_sample": True, "eos_token_id": eos})
+
+    def sample(name: str):
+        cfg = load_config(
+            overrides={
+                "name": name,
+                "runs_dir": str(tmp_path / "runs"),
+                "model": {"student": f"hf:{tiny_dir}"},
+                "teach": {"teacher": f"openai:{server.model}"},
+                "sample": {
+                    "models": ["aligned", "teacher"],
+                    "n": 2,
+                    "max_new_tokens": 24,
+                    "temperature": 5.0,  # a tiny random model: only a hot temperature makes candidates differ
+                    # transformers serve shares one global seed, and samples only when generation_config says so
+                    "openai": {"max_concurrency": 1, "extra_body": {"generation_config": sampling}},
+                    "datasets": [{"name": "file", "path": str(harmful), "prompt_field": "q", "id_field": "id",
+                                  "benchmark": "harm", "limit": 3}],
+                },
+            }
+        )  # fmt: skip
+        run = RunDir(cfg.run_dir, cfg)
+        out = run_sample_teacher(run)
+        return (
+            run,
+            out,
+            run.read("samples-teacher").sort_values(["prompt_id", "candidate"], ignore_index=True),
+        )
+
+    run, out, rows = sample("a")
+    assert out["new"] == 6 and len(rows) == 6 and set(rows["model"]) == {"teacher"}
+    assert set(rows["token_ids_source"]) == {"none"} and rows["n_tokens"].between(1, 24).all()
+    assert list(rows["seed"]) == [
+        derive_seed(0, "harm", p, c) for p, c in zip(rows.prompt_id, rows.candidate, strict=True)
+    ]
+    assert rows["response"].map(lambda t: isinstance(t, str) and len(t) > 0).all()
+    assert run_sample_teacher(run)["new"] == 0  # resumable: nothing is asked twice
+    # the server honours each candidate's seed: another run gives the same text, candidate by candidate, and the
+    # candidates of a prompt differ (T = 0.7)
+    _, _, again = sample("b")
+    assert list(again["response"]) == list(rows["response"])
+    assert (rows.groupby("prompt_id")["response"].nunique() > 1).any()

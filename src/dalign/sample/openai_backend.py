@@ -125,7 +125,57 @@ class OpenAISampleWorker:
                 f"{describe_error(failure, self.url)} ({len(chunk) - len(rows)} of {len(chunk)} candidates in "
                 f"this batch failed; {written} answered ones are kept and a rerun asks only for the rest)"
             ) from failure
-        return {"rows": written, "tokens": sum(len(r["token_ids"]) for r in rows)}
+        return {"rows": written, "tokens": sum(r["n_tokens"] or 0 for r in rows)}
 
 
-__all__ = ["OpenAISampleWorker", "server_token_ids"]
+class OpenAITeacherSampleWorker(OpenAISampleWorker):
+    """The teacher behind an OpenAI-compatible chat endpoint (teach.teacher = openai:<model>, at the teach stage's
+    DALIGN_OPENAI_BASE_URL): one chat request per candidate with its own seed, so the server applies the teacher's
+    own chat template, as local teachers get theirs. No teacher tokenizer is local, so no token ids are recorded
+    (`token_ids_source` none) and `n_tokens` is the server's completion token count: the teacher is judged and
+    its lengths compared, never scored."""
+
+    artifact = "samples-teacher"
+    keys = tuple(ARTIFACT_KEYS[artifact])
+
+    def __init__(self, run: RunDir):
+        self.cfg = run.config.sample
+        self.spec = run.config.teach.teacher
+        self.model = self.spec.partition(":")[2]
+        oc = self.cfg.openai
+        endpoint = Endpoint(None, oc.api_key_env, oc.timeout_s, oc.max_retries)
+        self.url = endpoint.resolved_url(f"sampling the teacher {self.spec}")
+        self.client = make_client(endpoint, f"sampling the teacher {self.spec}")
+        self.store = run.store(self.artifact)
+        self.pool = ThreadPoolExecutor(oc.max_concurrency)
+
+    def _request(self, item) -> dict:
+        from dalign.teach.teachers import raw_trace
+
+        sc = self.cfg
+        resp = self.client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "user", "content": item.prompt}],
+            max_tokens=sc.max_new_tokens,
+            temperature=sc.temperature,
+            top_p=sc.top_p,
+            seed=int(item.seed),
+            extra_body=dict(sc.openai.extra_body) or None,
+        )
+        if not resp.choices:
+            raise ValueError(f"{self.url} answered without choices: {str(resp)[:300]}")
+        choice = resp.choices[0]
+        finish = FINISH.get(choice.finish_reason or "", choice.finish_reason or "unknown")
+        # a server-side reasoning field (vLLM's reasoning parser) is folded back in, as the teach stage does
+        row = sample_row(
+            item, [], finish, raw_trace(choice.message), think_prefix=False, token_ids_source="none"
+        )
+        usage = getattr(resp, "usage", None)
+        row["n_tokens"] = (
+            int(usage.completion_tokens) if usage and usage.completion_tokens is not None else None
+        )
+        row["model"] = "teacher"
+        return row
+
+
+__all__ = ["OpenAISampleWorker", "OpenAITeacherSampleWorker", "server_token_ids"]

@@ -220,6 +220,7 @@ WORKERS = {
     "openai": "dalign.sample.openai_backend:OpenAISampleWorker",
     "base": "dalign.sample.stage:BaseSampleWorker",
     "teacher": "dalign.sample.stage:TeacherSampleWorker",
+    "teacher-openai": "dalign.sample.openai_backend:OpenAITeacherSampleWorker",
 }
 
 
@@ -252,12 +253,17 @@ def run_sample_base(run: RunDir, force: bool = False) -> dict:
 
 def run_sample_teacher(run: RunDir, force: bool = False) -> dict:
     teacher = run.config.teach.teacher
-    if teacher == "corpus" or teacher.startswith("openai:"):
+    if teacher == "corpus":
         raise ValueError(
-            f"sample.models lists teacher, but teach.teacher is {teacher!r}: only a local teacher model "
-            "(hf:<id|dir> or packaged:<name>) can be sampled; drop teacher from sample.models"
+            "sample.models lists teacher, but teach.teacher is 'corpus': only a teacher model (hf:<id|dir>, "
+            "packaged:<name> or openai:<model>) can be sampled; drop teacher from sample.models"
         )
     return _sample(run, "sample-teacher", "teacher", force)
+
+
+def _remote(run: RunDir, model: str) -> bool:
+    """A teacher behind a server: sampled by chat requests, with no local tokenizer."""
+    return model == "teacher" and run.config.teach.teacher.startswith("openai:")
 
 
 def _sample(run: RunDir, stage: str, model: str, force: bool) -> dict:
@@ -267,11 +273,16 @@ def _sample(run: RunDir, stage: str, model: str, force: bool) -> dict:
     cfg = run.config
     sc = cfg.sample
     artifact = "samples" if model == "aligned" else f"samples-{model}"
-    worker = WORKERS[sc.backend if model == "aligned" else model]
+    remote = _remote(run, model)
+    worker = WORKERS["teacher-openai" if remote else sc.backend if model == "aligned" else model]
     system, think = prompt_format(run, model)
     rows, leaks, notes = drop_calibration_leaks(benchmark_rows(cfg))
     mc = model_config(run, model)
-    tok, limit = pair_tokenizer(mc, adapter_dir(run) if model == "aligned" else None), context_limit(mc)
+    tok, limit = (
+        (None, None)
+        if remote
+        else (pair_tokenizer(mc, adapter_dir(run) if model == "aligned" else None), context_limit(mc))
+    )
     run.begin(stage, force)
     store = run.store(artifact)
     pruned = _prune(store, rows, sc.n)
@@ -287,7 +298,8 @@ def _sample(run: RunDir, stage: str, model: str, force: bool) -> dict:
             continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PromptTooLong)
-            ids, cut = prompt_ids(tok, r.prompt, system, think, max_prompt)
+            # a remote teacher gets the text and applies its own template: no ids here
+            ids, cut = ([], False) if remote else prompt_ids(tok, r.prompt, system, think, max_prompt)
         truncated += cut
         if cut:
             warnings.warn(f"{r.benchmark}/{r.prompt_id}: {caught[0].message}", PromptTooLong, stacklevel=1)
@@ -344,7 +356,7 @@ def _sample(run: RunDir, stage: str, model: str, force: bool) -> dict:
         seconds=round(time.perf_counter() - t0, 1),
         tokens_per_s=round(new_tokens / max(time.perf_counter() - t0, 1e-9), 1),
         dtype=describe_dtype(cfg.model.dtype, cfg.model.device),
-        backend=f"{sc.backend if model == 'aligned' else 'hf'}/{cfg.execution.backend}",
+        backend=f"{sc.backend if model == 'aligned' else 'openai' if remote else 'hf'}/{cfg.execution.backend}",
         workers=sorted(workers),
         worker_seconds=round(busy, 2),
     )
