@@ -265,8 +265,11 @@ def aggregate(runs: list[SweepRun], n_boot: int = 1000, seed: int = 0) -> dict:
         per_run[r.label] = {
             kind: {
                 bench: {
-                    sel: {"value": d.get("value"), "relative_drop": d.get("relative_drop")}
-                    for sel, d in blk.get("selectors", {}).items()
+                    sel: {
+                        "value": blk["selectors"][sel].get("value"),
+                        "relative_drop": blk["selectors"][sel].get("relative_drop"),
+                    }
+                    for sel in _report_order(blk)
                 }
                 for bench, blk in res.get(kind, {}).items()
             }
@@ -281,7 +284,7 @@ def aggregate(runs: list[SweepRun], n_boot: int = 1000, seed: int = 0) -> dict:
     for kind in table:
         benches = sorted({b for pr in per_run.values() for b in pr[kind]})
         for bench in benches:
-            sels = sorted({s for pr in per_run.values() for s in pr[kind].get(bench, {})})
+            sels = list(dict.fromkeys(s for pr in per_run.values() for s in pr[kind].get(bench, {})))
             table[kind][bench] = {}
             for sel in sels:
                 vals = [v for pr in per_run.values() if (v := pr[kind].get(bench, {}).get(sel)) is not None]
@@ -311,6 +314,18 @@ def aggregate(runs: list[SweepRun], n_boot: int = 1000, seed: int = 0) -> dict:
         "models": models,
         "per_run": per_run,
     }
+
+
+def _report_order(blk: dict) -> list[str]:
+    """A benchmark's selectors as its report lists them (`order`), then the per-layer ones by layer number."""
+    sels = blk.get("selectors", {})
+    first = [s for s in blk.get("order", []) if s in sels]
+
+    def by_layer(sel: str) -> tuple:
+        name, _, layer = sel.rpartition("@")
+        return (name, int(layer) if layer.isdigit() else -1, sel)
+
+    return first + sorted((s for s in sels if s not in first), key=by_layer)
 
 
 def _pct(x: float | None) -> str:
