@@ -87,12 +87,12 @@ def main() -> None:
     runs = expand(sweep)
     shared = {r.label: shared_stages(r.path) for r in runs}
 
-    repeat = runs if args.all_independent else runs[1:]
+    repeat = [r.label for r in (runs if args.all_independent else runs[1:])]
     independent_walls = {runs[0].label: out["wall_s"][runs[0].label]} if not args.all_independent else {}
     equal = {}
     with LoadSampler() as load_alone_phase:
         for r in expand(alone):
-            if r.label not in {x.label for x in repeat}:
+            if r.label not in repeat:
                 continue
             t1 = time.perf_counter()
             run_pipeline(r.config)
@@ -121,7 +121,7 @@ def main() -> None:
                 "saving": round(1 - sweep_wall / independent_wall, 4),
                 "run_wall_s": {k: round(v, 1) for k, v in out["wall_s"].items()},
                 "independent_run_wall_s": {k: round(v, 1) for k, v in independent_walls.items()},
-                "repeated_independently": [r.label for r in repeat],
+                "repeated_independently": repeat,
                 "equal": all(equal.values()) if equal else None,
                 "load_sweep": load_sweep_phase.summary(),
                 "load_independent": load_alone_phase.summary(),

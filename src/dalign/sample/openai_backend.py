@@ -59,13 +59,18 @@ class OpenAISampleWorker:
                 "sample.backend=openai needs sample.openai.model: the name the server serves "
                 "(vLLM with --lora-modules aligned=<adapter>: aligned)"
             )
-        endpoint = Endpoint(oc.base_url, oc.api_key_env, oc.timeout_s, oc.max_retries)
-        self.url = endpoint.resolved_url("sample.backend=openai")
-        self.client = make_client(endpoint, "sample.backend=openai")
+        self._connect(run, oc.base_url, "sample.backend=openai")
         self.tok = pair_tokenizer(run.config.model, adapter_dir(run))
+        self.warned = False
+
+    def _connect(self, run: RunDir, base_url: str | None, what: str) -> None:
+        """Client, request pool and output store, with sample.openai's key, timeout, retries and concurrency."""
+        oc = self.cfg.openai
+        endpoint = Endpoint(base_url, oc.api_key_env, oc.timeout_s, oc.max_retries)
+        self.url = endpoint.resolved_url(what)
+        self.client = make_client(endpoint, what)
         self.store = run.store(self.artifact)
         self.pool = ThreadPoolExecutor(oc.max_concurrency)
-        self.warned = False
 
     def _request(self, item) -> dict:
         sc, oc = self.cfg, self.cfg.openai
@@ -142,12 +147,7 @@ class OpenAITeacherSampleWorker(OpenAISampleWorker):
         self.cfg = run.config.sample
         self.spec = run.config.teach.teacher
         self.model = self.spec.partition(":")[2]
-        oc = self.cfg.openai
-        endpoint = Endpoint(None, oc.api_key_env, oc.timeout_s, oc.max_retries)
-        self.url = endpoint.resolved_url(f"sampling the teacher {self.spec}")
-        self.client = make_client(endpoint, f"sampling the teacher {self.spec}")
-        self.store = run.store(self.artifact)
-        self.pool = ThreadPoolExecutor(oc.max_concurrency)
+        self._connect(run, None, f"sampling the teacher {self.spec}")  # the teach stage's server
 
     def _request(self, item) -> dict:
         from dalign.teach.teachers import raw_trace
