@@ -1,8 +1,10 @@
 """fp32 (yesterday's path) vs the new default (`model.dtype: auto` = bf16 on AMX / AVX-512 BF16 CPUs), one run,
 same inputs: LoRA SFT, sampling and scoring with the packaged SmolLM2-135M, each with its MFU.
 
-- SFT: `--sft-steps` optimizer steps of the real `train_sft` on the shipped trace corpus (LoRA r 32 on all linear
-  layers, micro-batch 4 = one step); fp32 weights and compute vs bf16 autocast over fp32 master weights.
+- SFT: one epoch of the real `train_sft` over `--sft-examples` shipped corpus traces (LoRA r 32 on all linear
+  layers, micro-batch 4 = one step). Baseline, yesterday's path: fp32 weights and compute, random micro-batches,
+  stock kernels. New default: bf16 frozen base under bf16 autocast with fp32 LoRA master weights, length-grouped
+  micro-batches, the CPU kernels of `dalign.train.cpu`.
 - Sampling: `--prompts` corpus prompts x 8 candidates, exactly `--new-tokens` new tokens each (the stop token is
   suppressed, so both dtypes do the same work), batch 32, dalign's sampler; fp32 weights vs bf16 weights.
 - Scoring: the candidates of BOTH sampling runs (2 x prompts x 8, e.g. 128), latent similarity at every layer + KL,
@@ -13,7 +15,7 @@ same inputs: LoRA SFT, sampling and scoring with the packaged SmolLM2-135M, each
 The CPU may be shared: fp32 and bf16 measurements alternate (ABAB) so load drift hits both alike; matmul peaks
 (the MFU denominators) are measured once at the start, in the same process.
 
-    .venv/bin/python benchmarks/cpu_speed.py [--sft-steps 3] [--prompts 8] [--new-tokens 64] [--quick]
+    .venv/bin/python benchmarks/cpu_speed.py [--sft-examples 48] [--prompts 8] [--new-tokens 64] [--quick]
 
 Last line: JSON with sft_speedup, sample_speedup, score_speedup, sft_mfu_bf16, sample_tokens_per_s,
 score_max_abs_err, choice_agreement (and more).
@@ -40,33 +42,46 @@ SPEC = "packaged:smollm2-135m-instruct"
 DTYPES = ("float32", "bfloat16")
 
 
-def sft_runs(rows: list[dict], steps: int, rounds: int, out: Path) -> dict:
+def sft_runs(rows: list[dict], n_examples: int, rounds: int, out: Path) -> dict:
+    """Both arms train one epoch on the same `n_examples` corpus traces (a seeded sample), so they see the same
+    tokens; the baseline is yesterday's path: fp32, random micro-batches, stock kernels."""
     from dalign.train.sft import build_examples, train_sft
 
-    cfg = SFTConfig(
+    pick = np.random.default_rng(0).choice(len(rows), size=min(n_examples, len(rows)), replace=False)
+    rows = [rows[i] for i in sorted(pick)]
+    base = dict(
         lora=LoraConfig(r=32, alpha=64, dropout=0.05),
         learning_rate=2e-4,
         epochs=1,
-        max_steps=steps,
         effective_batch_size=4,
         per_device_batch_size=4,
-        max_length=512,
+        max_length=768,
     )
+    arms = {
+        "float32": (SFTConfig(**base, group_by_length=False), False),
+        "bfloat16": (SFTConfig(**base), True),  # the defaults: group_by_length, fast kernels
+    }
     res = {d: {"tokens": 0.0, "seconds": 0.0} for d in DTYPES}
     for r in range(rounds):
         for d in DTYPES:  # ABAB
+            cfg, fast = arms[d]
             card = train_sft(
-                SPEC, rows, out / f"sft-{d}-{r}", cfg, ModelConfig(student=SPEC, dtype=d), progress=False
+                SPEC,
+                rows,
+                out / f"sft-{d}-{r}",
+                cfg,
+                ModelConfig(student=SPEC, dtype=d),
+                progress=False,
+                fast_kernels=fast,
             )
             res[d]["tokens"] += card["tokens"]
             res[d]["seconds"] += card["runtime_s"]
             print(f"  sft {d} round {r}: {card['tokens']:.0f} tokens in {card['runtime_s']:.1f} s")
     model, tok = load_model(SPEC, dtype="float32", device="cpu")
-    ex, _ = build_examples(tok, rows, None, True, cfg.max_length)
-    mean_len = float(np.mean([len(e["input_ids"]) for e in ex[: steps * 4]]))
-    per_token = cpu.forward_flops(
-        model, 1, (mean_len + 1) / 2
-    )  # attention: (T+1)/2 keys per query on average
+    ex, _ = build_examples(tok, rows, None, True, base["max_length"])
+    lens = np.array([len(e["input_ids"]) for e in ex], dtype=float)
+    # attention: (T+1)/2 keys per query on average, token-weighted over the examples
+    per_token = cpu.forward_flops(model, 1, float((lens * (lens + 1) / 2).sum() / lens.sum()))
     # Backward through frozen weights needs input gradients only (as many FLOPs as the forward); LoRA's own
     # weight gradients are < 1 %: forward + backward ~ 2 forwards.
     return {"res": res, "flops_per_token": 2 * per_token}
@@ -155,15 +170,15 @@ def score_flops(model, rows: list[ScoreRow]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sft-steps", type=int, default=3, help="optimizer steps per SFT run (4 sequences each)")
+    ap.add_argument("--sft-examples", type=int, default=48, help="corpus traces per SFT run (one epoch)")
     ap.add_argument("--sft-rounds", type=int, default=2, help="ABAB rounds of SFT")
     ap.add_argument("--prompts", type=int, default=8, help="sampling prompts (x 8 candidates)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--quick", action="store_true", help="a 2-minute smoke run (1 step, 2 prompts, 8 tokens)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (8 traces, 2 prompts, 8 tokens)")
     args = ap.parse_args()
     if args.quick:
-        args.sft_steps, args.sft_rounds, args.prompts, args.new_tokens = 1, 1, 2, 8
+        args.sft_examples, args.sft_rounds, args.prompts, args.new_tokens = 8, 1, 2, 8
     t_all = time.perf_counter()
     print(f"cpu: {cpu.describe()}")
     peaks = cpu.matmul_peaks()
@@ -176,7 +191,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dalign-cpu-speed-") as tmp:
         tmp = Path(tmp)
         print("SFT")
-        sft = sft_runs(rows, args.sft_steps, args.sft_rounds, tmp)
+        sft = sft_runs(rows, args.sft_examples, args.sft_rounds, tmp)
         tps = {d: sft["res"][d]["tokens"] / sft["res"][d]["seconds"] for d in DTYPES}
         sft_mfu = {d: tps[d] * sft["flops_per_token"] / 1e9 / peaks["bfloat16"] for d in DTYPES}
         for d in DTYPES:
@@ -258,7 +273,7 @@ def main() -> None:
     result.update(
         peak_gflops_fp32=round(peaks["float32"], 1),
         peak_gflops_bf16=round(peaks["bfloat16"], 1),
-        sft_steps=args.sft_steps,
+        sft_examples=args.sft_examples,
         sft_rounds=args.sft_rounds,
         new_tokens=args.new_tokens,
         threads=torch.get_num_threads(),

@@ -36,3 +36,27 @@ def test_finished_rows_leave_the_batch(tiny, capture):
     expected = [sum(1 for n in lengths if n - fed_last >= k) for k in range(len(rows_per_call))]
     assert rows_per_call == expected
     assert rows_per_call[-1] < 32
+
+
+@pytest.mark.parametrize("capture", [(), (2,)])
+def test_per_row_budgets_end_rows_at_their_own_length(tiny, capture):
+    """A row with budget b gets exactly the first b tokens of what a large budget gives it (its seed alone decides
+    them), ends as `length` when it had not stopped, and leaves the batch there."""
+    model, tok, ids = tiny
+    seeds = list(range(16))
+    budgets = [3, 7, 12, 20] * 4
+    long = sample_batch(
+        model, tok, ids * 4, seeds, temperature=1.0, max_new_tokens=20, capture_layers=capture
+    )
+    got = sample_batch(
+        model, tok, ids * 4, seeds, temperature=1.0, max_new_tokens=budgets, capture_layers=capture
+    )
+    for g, ref, b in zip(got, long, budgets, strict=True):
+        assert g.token_ids == ref.token_ids[:b]
+        assert g.finish_reason == (
+            "stop" if ref.finish_reason == "stop" and len(ref.token_ids) <= b else "length"
+        )
+        if capture:
+            assert set(g.hidden) == {2}
+    with pytest.raises(ValueError, match="per prompt"):
+        sample_batch(model, tok, ids, [0, 1, 2, 3], max_new_tokens=[4, 4])

@@ -86,6 +86,77 @@ def test_bf16_scores_stay_close_to_fp64_and_pick_the_same_candidates(tiny_dir, t
         assert (a == b).mean() >= 0.75, (layer, a, b)
 
 
+def test_bf16_weights_keep_an_fp32_residual_stream(tiny_dir):
+    """The scorer's forward on bf16 weights: layer outputs (the residual stream the guard compares) are fp32,
+    while the matmuls inside run in bf16."""
+    from dalign.score.engine import _capture
+
+    model, _ = load_model(f"hf:{tiny_dir}", dtype="bfloat16", device="cpu")
+    inner = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: inner.append(o.dtype))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    got = _capture(
+        model, {"input_ids": ids, "use_cache": False}, {2: {"last": (torch.tensor([0]), torch.tensor([3]))}}
+    )
+    assert got[2]["last"].dtype == torch.float32
+    assert inner == [torch.bfloat16]
+
+
+def test_mask_dropout_has_the_law_of_dropout():
+    from dalign.train.cpu import MaskDropout
+
+    drop = MaskDropout(0.05).train()
+    x = torch.ones(400, 1000)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.95) < 0.002  # 6 standard errors (3.4e-4) of 400k draws
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - round(0.05 * 65536) / 65536)))
+    assert abs(y.mean().item() - 1.0) < 0.003  # inverted dropout: unbiased
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # seeded by torch's generator
+    assert not torch.equal(drop(x), y)
+    assert torch.equal(drop.eval()(x), x)
+    odd = torch.ones(3, 5, dtype=torch.bfloat16)  # numel not a multiple of 4
+    assert MaskDropout(0.5).train()(odd).shape == odd.shape
+
+
+def test_bf16_sft_loads_a_bf16_base_and_uses_the_cpu_kernels(tmp_path, tiny_dir, monkeypatch):
+    """On CPU with bf16 autocast the frozen base is bf16, LoRA factors fp32, dropout is MaskDropout and attention
+    is eager; fast_kernels=False keeps the stock path."""
+    import dalign.train.sft as sft_mod
+    from dalign.train.cpu import MaskDropout
+
+    seen = {}
+    real = sft_mod.speed_up
+
+    def observed(model, autocast):
+        real(model, autocast)
+        seen["base"] = model.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight.dtype
+        seen["lora"] = model.get_base_model().model.layers[0].mlp.down_proj.lora_A["default"].weight.dtype
+        seen["drop"] = type(model.get_base_model().model.layers[0].mlp.down_proj.lora_dropout["default"])
+        seen["attn"] = model.get_base_model().config._attn_implementation
+
+    monkeypatch.setattr(sft_mod, "speed_up", observed)
+    student = f"hf:{tiny_dir}"
+    cfg = SFTConfig(
+        lora={"r": 4, "alpha": 8, "dropout": 0.1},
+        learning_rate=5e-3,
+        epochs=1,
+        max_steps=1,
+        effective_batch_size=2,
+        per_device_batch_size=2,
+        max_length=128,
+    )
+    mc = ModelConfig(student=student, dtype="bfloat16")
+    card = train_sft(student, _rows(4), tmp_path / "a", cfg, mc, progress=False)
+    assert seen == {"base": torch.bfloat16, "lora": torch.float32, "drop": MaskDropout, "attn": "eager"}
+    assert "bfloat16 frozen base" in card["hyperparameters"]["precision"]
+    seen.clear()
+    card = train_sft(student, _rows(4), tmp_path / "b", cfg, mc, progress=False, fast_kernels=False)
+    assert not seen and "frozen base" not in card["hyperparameters"]["precision"]
+
+
 def _rows(n):
     return [
         {

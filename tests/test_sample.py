@@ -153,6 +153,17 @@ def test_stage_writes_schema_and_is_idempotent(tmp_path, tiny_dir):
     assert run_sample(same)["new"] == 0
 
 
+def test_a_dataset_budget_overrides_the_sample_budget(tmp_path, tiny_dir):
+    cfg = _config(tmp_path, tiny_dir, sample={"temperature": 5.0})
+    cfg.sample.datasets[1].max_new_tokens = 4  # tiny-math
+    run = RunDir.for_config(cfg)
+    run_sample(run)
+    df = run.read("samples")
+    tokens = df.groupby("benchmark")["n_tokens"].max()
+    assert tokens["tiny-math"] == 4 and tokens["tiny-harmful"] > 4
+    assert (df.loc[df.benchmark == "tiny-math", "finish_reason"] == "length").any()
+
+
 def test_long_prompt_truncated_and_counted(tmp_path, tiny_dir):
     run = RunDir.for_config(_config(tmp_path, tiny_dir, model={"max_context": 72}))
     with pytest.warns(UserWarning, match="cut from the left"):

@@ -270,7 +270,7 @@ def test_frozen_adapter_is_the_pitfall_and_we_avoid_it(tiny_adapter_dir, tiny_di
 
     frozen = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tiny_adapter_dir)
     assert sum(p.numel() for p in frozen.parameters() if p.requires_grad) == 0  # the authors' no-op GRPO
-    _, _, n = load_trainable(f"hf:{tiny_dir}", tiny_adapter_dir, ModelConfig(student=f"hf:{tiny_dir}"))
+    _, _, n, _ = load_trainable(f"hf:{tiny_dir}", tiny_adapter_dir, ModelConfig(student=f"hf:{tiny_dir}"))
     assert n > 0
 
 

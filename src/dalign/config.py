@@ -90,6 +90,12 @@ class DatasetRef(Section):
     limit: int | None = Field(None, ge=1, description="Keep this many prompts after shuffling (null = all).")
     offset: int = Field(0, description="Skip this many shuffled prompts first (makes disjoint splits).")
     seed: int = Field(0, description="Shuffle seed for limit/offset.")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="This dataset's generation budget (default: sample.max_new_tokens); utility answers that "
+        "reason first may need more to finish.",
+    )
     prompt_field: str | None = Field(None, description="Column holding the prompt (name='file').")
     id_field: str | None = Field(
         None, description="Column holding a stable id (name='file'); default: row number."
@@ -154,6 +160,11 @@ class SFTConfig(Section):
     per_device_batch_size: int = Field(4, ge=1, description="Micro-batch size.")
     max_length: int = Field(2048, description="Truncate training sequences to this many tokens.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = run all epochs).")
+    group_by_length: bool = Field(
+        True,
+        description="Micro-batches of similar lengths (transformers' LengthGroupedSampler): on the shipped corpus "
+        "77 % of a random micro-batch's tokens are real, 99 % of a grouped one's.",
+    )
     seed: int = Field(0, description="Training seed.")
 
 

@@ -85,7 +85,7 @@ class OpenAISampleWorker:
         resp = self.client.completions.create(
             model=oc.model,
             prompt=ids if oc.prompt_token_ids else self.tok.decode(ids, skip_special_tokens=False),
-            max_tokens=sc.max_new_tokens,
+            max_tokens=int(item.max_new_tokens),
             temperature=sc.temperature,
             top_p=sc.top_p,
             seed=int(item.seed),
@@ -156,7 +156,7 @@ class OpenAITeacherSampleWorker(OpenAISampleWorker):
         resp = self.client.chat.completions.create(
             model=self.model,
             messages=[{"role": "user", "content": item.prompt}],
-            max_tokens=sc.max_new_tokens,
+            max_tokens=int(item.max_new_tokens),
             temperature=sc.temperature,
             top_p=sc.top_p,
             seed=int(item.seed),

@@ -18,6 +18,7 @@ latent-similarity scoring later needs only the base model's pass.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,14 +100,18 @@ def sample_batch(
     temperature: float = 0.7,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | Sequence[int] = 256,
     capture_layers: tuple[int, ...] | list[int] = (),
 ) -> list[Generation]:
-    """Generate one continuation per (prompt ids, seed). Prompts are left-padded into one batch."""
+    """Generate one continuation per (prompt ids, seed). Prompts are left-padded into one batch.
+
+    `max_new_tokens` may differ per row: a row leaves the batch at its own budget, and since every row draws
+    from its own seeded stream, its tokens are the first `budget` of what a larger budget would give."""
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must have the same length")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts) or min(budgets, default=1) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 per prompt, got {max_new_tokens}")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = _left_pad(prompts, pad_id, device)
@@ -131,12 +136,13 @@ def sample_batch(
     reasons = ["length"] * n
     hidden: list[dict[int, np.ndarray]] = [{} for _ in range(n)]
     rows = list(range(n))  # original index of each live batch row
+    budget = torch.tensor(budgets, device=device)  # of the live rows
     seen = ids  # every id each live row has so far (the repetition penalty reads them)
     ckw = cache_kwarg(model)
     try:
         out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
         cache, logits = generated_cache(out), out.logits[:, -1]
-        for step in range(max_new_tokens):
+        for step in range(max(budgets, default=0)):
             scores = logits.float()
             if repetition_penalty != 1.0:
                 scores = repetition_penalty_(scores, seen, repetition_penalty)
@@ -148,7 +154,7 @@ def sample_batch(
                 tokens[r].append(t)
                 if stopped[b]:
                     reasons[r] = "stop"
-            ended = stopped | (step + 1 == max_new_tokens)
+            ended = stopped | (step + 1 >= budget)
             if capture_layers:  # feed the token first: its state is the row's final-token state
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
                 out = _step(model, tok, mask, cache, ckw)
@@ -160,7 +166,7 @@ def sample_batch(
             if len(keep) < len(rows):  # finished rows leave the batch and their KV cache
                 rows = [rows[b] for b in keep.tolist()]
                 cache.batch_select_indices(keep)
-                mask, tok = mask[keep], tok[keep]
+                mask, tok, budget = mask[keep], tok[keep], budget[keep]
                 seen = seen[keep]
             seen = torch.cat([seen, tok[:, None]], dim=1)
             if capture_layers:

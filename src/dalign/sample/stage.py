@@ -182,7 +182,7 @@ class SampleWorker:
             temperature=sc.temperature,
             top_p=sc.top_p,
             repetition_penalty=sc.repetition_penalty,
-            max_new_tokens=sc.max_new_tokens,
+            max_new_tokens=[int(b) for b in chunk["max_new_tokens"]],
             capture_layers=sc.capture_layers,
         )
         out = []
@@ -288,7 +288,8 @@ def _sample(run: RunDir, stage: str, model: str, force: bool) -> dict:
     pruned = _prune(store, rows, sc.n)
     done = store.done_keys()
 
-    max_prompt = None if limit is None else limit - sc.max_new_tokens
+    budgets = {d.label: d.max_new_tokens or sc.max_new_tokens for d in sc.datasets}
+    max_prompt = None if limit is None else limit - max([sc.max_new_tokens, *budgets.values()])
 
     # One work item per (prompt, candidate) still missing; prompts are tokenized once.
     work, truncated = [], 0
@@ -312,6 +313,7 @@ def _sample(run: RunDir, stage: str, model: str, force: bool) -> dict:
                     "prompt": r.prompt,
                     "prompt_token_ids": ids,
                     "seed": derive_seed(sc.seed, r.benchmark, r.prompt_id, c),
+                    "max_new_tokens": budgets.get(r.benchmark, sc.max_new_tokens),
                     "category": r.category,
                     "source": r.source,
                     "role": r.role,

@@ -99,8 +99,16 @@ def _capture(
 
     for layer, picks in wanted.items():
         handles.append(fam.layer_output_module(layer).register_forward_hook(make_hook(layer, picks)))
+    low = next(fam.model.parameters()).dtype
+    low = low if low in (torch.bfloat16, torch.float16) else None
+    if low is not None:
+        # bf16/fp16 weights: the matmuls run in it (autocast), the residual stream stays fp32 (the embedding
+        # output is upcast, every sublayer output adds onto fp32). A bf16 residual rounds the cosines the guard
+        # compares (near 1) to ~4e-3; fp32 keeps bf16 vs fp32 choices alike (benchmarks/cpu_speed.py).
+        handles.append(fam.model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.float()))
     try:
-        fam.decoder()(**inputs)
+        with torch.autocast(fam.model.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            fam.decoder()(**inputs)
     except _StopForward:
         pass
     finally:
@@ -118,7 +126,7 @@ def _lm_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     cap = getattr(inner.config, "final_logit_softcapping", None)  # Gemma 2/3 squash logits after the head
 
     def apply(states: torch.Tensor) -> torch.Tensor:
-        logits = head(states)
+        logits = head(states.to(head.weight.dtype))  # fp32 residual states of a bf16 model (see _capture)
         return torch.tanh(logits / cap) * cap if cap else logits
 
     return apply

@@ -79,22 +79,24 @@ def precision_flags(dtype: str = "auto") -> dict[str, bool]:
     return {"bf16": bf16, "fp16": dt == torch.float16}
 
 
-def precision_label(dtype: str = "auto") -> str:
-    """How SFT/GRPO compute, for cards and the manifest: e.g. 'bfloat16 autocast, fp32 master weights (auto: ...)'."""
+def precision_label(dtype: str = "auto", frozen: str = "float32") -> str:
+    """How SFT/GRPO compute, for cards and the manifest: e.g. 'bfloat16 autocast, fp32 master weights, bfloat16
+    frozen base (auto: ...)'."""
     from dalign.models.loading import describe_dtype
 
     flags = precision_flags(dtype)
     how = "bfloat16 autocast" if flags["bf16"] else "float16 autocast" if flags["fp16"] else "float32"
+    base = f", {frozen} frozen base" if frozen != "float32" else ""
     why = describe_dtype(dtype, "cuda" if use_cuda() else "cpu").partition(" ")[2]
-    return f"{how}, fp32 master weights" + (f" {why}" if why else "")
+    return f"{how}, fp32 master weights{base}" + (f" {why}" if why else "")
 
 
-def load_student(spec: str, trust_remote_code: bool = False):
-    """Student weights in fp32 on CPU: the optimizer's master copy (autocast computes in bf16/fp16 when
-    `precision_flags` asks for it); the Trainer moves them to its device (also under accelerate)."""
+def load_student(spec: str, trust_remote_code: bool = False, dtype: str = "float32"):
+    """Student weights on CPU, the Trainer moves them to its device (also under accelerate). Trained weights must
+    be fp32 (the optimizer's master copy); a frozen base under autocast may be bf16/fp16 (`cpu.frozen_dtype`)."""
     from dalign.models.loading import load_model
 
-    model, tok = load_model(spec, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
+    model, tok = load_model(spec, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

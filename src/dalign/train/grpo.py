@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -51,6 +52,7 @@ from dalign.train.common import (
     write_card,
 )
 from dalign.train.common import strip_bos as _strip_bos
+from dalign.train.cpu import frozen_dtype, speed_up
 
 
 class JudgeReward:
@@ -101,11 +103,16 @@ def batch_plan(cfg: GRPOConfig) -> tuple[int, int]:
 
 
 def load_trainable(student: str, adapter: Path, model_cfg: ModelConfig):
-    """Student + SFT adapter with the adapter's weights trainable."""
+    """Student + SFT adapter with the adapter's weights trainable; returns (model, tok, n trainable, frozen dtype)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    model, tok = load_student(student, model_cfg.trust_remote_code)
+    frozen = frozen_dtype(precision_flags(model_cfg.dtype))
+    if (adapter / "adapter_config.json").exists() and json.loads(
+        (adapter / "adapter_config.json").read_text()
+    ).get("modules_to_save"):
+        frozen = "float32"  # SFT trained the embeddings too ("add" mode): they need fp32 master weights
+    model, tok = load_student(student, model_cfg.trust_remote_code, frozen)
     if (adapter / "tokenizer_config.json").exists():
         tok = AutoTokenizer.from_pretrained(adapter)  # SFT may have added <think> tokens
         if tok.pad_token is None:
@@ -116,7 +123,7 @@ def load_trainable(student: str, adapter: Path, model_cfg: ModelConfig):
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_trainable == 0:
         raise TrainError(f"the adapter {adapter} loaded with no trainable parameters: GRPO would be a no-op")
-    return model, tok, n_trainable
+    return model, tok, n_trainable, frozen
 
 
 def train_grpo(
@@ -143,7 +150,8 @@ def train_grpo(
     sample = sample or SampleConfig()
     if not prompts:
         raise NoTrainingData("GRPO needs prompts: the filter kept none")
-    model, tok, n_trainable = load_trainable(student, adapter, model_cfg)
+    model, tok, n_trainable, frozen = load_trainable(student, adapter, model_cfg)
+    flags = precision_flags(model_cfg.dtype)
     model.config.use_cache = True
     rows = [
         {
@@ -179,7 +187,7 @@ def train_grpo(
             activation_checkpointing=use_cuda(),
             disable_tqdm=True,
             use_cpu=not use_cuda(),
-            **precision_flags(model_cfg.dtype),
+            **flags,
         )
         trainer = GRPOTrainer(
             model=model,
@@ -190,6 +198,7 @@ def train_grpo(
             callbacks=[LiveProgress("GRPO", "reward")] if progress else None,
         )
         trainer.remove_callback(PrinterCallback)
+        speed_up(trainer.model, autocast=flags["bf16"] or flags["fp16"])
         t0 = time.perf_counter()
         result = trainer.train()
         wall = time.perf_counter() - t0
@@ -229,8 +238,8 @@ def train_grpo(
                 "world_size": world_size(),
                 "trainable_parameters": n_trainable,
                 "optimizer_steps": trainer.state.global_step,
-                **precision_flags(model_cfg.dtype),
-                "precision": precision_label(model_cfg.dtype),
+                **flags,
+                "precision": precision_label(model_cfg.dtype, frozen),
                 "device": "cuda" if use_cuda() else "cpu",
             },
             "reward_per_step": [

@@ -42,6 +42,7 @@ from dalign.train.common import (
     world_size,
     write_card,
 )
+from dalign.train.cpu import frozen_dtype, speed_up
 
 DATA_FIELDS = ("prompt_id", "prompt", "cot", "answer")
 
@@ -100,8 +101,11 @@ def train_sft(
     fp: dict | None = None,
     think_mode: ThinkMode = DEFAULT_THINK_MODE,
     progress: bool = True,
+    fast_kernels: bool = True,
 ) -> dict:
-    """Train a LoRA adapter on (prompt, cot, answer) rows and write it atomically to `dest`; returns its card."""
+    """Train a LoRA adapter on (prompt, cot, answer) rows and write it atomically to `dest`; returns its card.
+
+    `fast_kernels=False` keeps the stock path (fp32 frozen base, SDPA, nn.Dropout): the benchmarks' baseline."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTConfig as TrlSFTConfig
@@ -110,8 +114,12 @@ def train_sft(
     model_cfg = model_cfg or ModelConfig(student=student)
     if not rows:
         raise NoTrainingData("no training rows")
-    model, tok = load_student(student, model_cfg.trust_remote_code)
+    flags = precision_flags(model_cfg.dtype)
+    frozen = frozen_dtype(flags) if fast_kernels else "float32"
+    model, tok = load_student(student, model_cfg.trust_remote_code, frozen)
     new_ids = ensure_think_tokens(model, tok, think_mode)
+    if new_ids and frozen != "float32":  # the embeddings are trained too: they need fp32 master weights
+        model, frozen = model.float(), "float32"
     examples, notes = build_examples(
         tok, rows, model_cfg.system_prompt, model_cfg.think_prefix, sft.max_length
     )
@@ -143,7 +151,8 @@ def train_sft(
             disable_tqdm=True,
             dataloader_num_workers=0,
             use_cpu=not use_cuda(),
-            **precision_flags(model_cfg.dtype),
+            train_sampling_strategy="group_by_length" if sft.group_by_length else "random",
+            **flags,
         )
         trainer = SFTTrainer(
             model=model,
@@ -154,6 +163,8 @@ def train_sft(
             callbacks=[LiveProgress("SFT", "loss")] if progress else None,
         )
         trainer.remove_callback(PrinterCallback)
+        if fast_kernels:
+            speed_up(trainer.model, autocast=flags["bf16"] or flags["fp16"])
         t0 = time.perf_counter()
         result = trainer.train()
         wall = time.perf_counter() - t0
@@ -196,8 +207,9 @@ def train_sft(
                 "world_size": world_size(),
                 "optimizer_steps": trainer.state.global_step,
                 "epochs_run": trainer.state.epoch,
-                **precision_flags(model_cfg.dtype),
-                "precision": precision_label(model_cfg.dtype),
+                **flags,
+                "precision": precision_label(model_cfg.dtype, frozen),
+                "fast_kernels": fast_kernels,
                 "device": "cuda" if use_cuda() else "cpu",
             },
             "loss": losses,
