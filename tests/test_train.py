@@ -281,12 +281,14 @@ def test_grpo_batch_plan():
         batch_plan(GRPOConfig(batch_size=12, num_generations=8))
 
 
-def test_two_step_grpo_trains_the_sft_adapter(tmp_path, tiny_dir, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_step_grpo_trains_the_sft_adapter(tmp_path, tiny_dir, monkeypatch, dtype):
+    """Also in bf16: a bf16 frozen base with fp32 LoRA factors generates and trains under autocast."""
     import dalign.judge
 
     monkeypatch.setattr(dalign.judge, "get_judge", lambda name, cfg=None: _FakeJudge())
     student = f"hf:{tiny_dir}"
-    run = _run(tmp_path, student)
+    run = _run(tmp_path, student, model={"dtype": dtype}, sft={"lora": {"r": 4, "alpha": 8, "dropout": 0.1}})
     run_sft(run)
     out = run_grpo(run)
     sft, grpo = _lora(run.path / "adapter"), _lora(run.path / "adapter-grpo")
@@ -298,6 +300,8 @@ def test_two_step_grpo_trains_the_sft_adapter(tmp_path, tiny_dir, monkeypatch):
     assert all(0.0 <= s["reward"] <= 1.0 for s in card["reward_per_step"])
     assert sum(card["reward"]["labels"].values()) == 2 * 4  # 2 steps x 4 completions judged
     assert card["hyperparameters"]["beta"] == 0.0 and card["parent_adapter"].endswith("adapter")
+    assert ("bfloat16 frozen base" in card["hyperparameters"]["precision"]) is (dtype == "bfloat16")
+    assert {t.dtype for t in grpo.values()} == {torch.float32}
     assert (run.path / "adapter-grpo" / "reward.png").exists()
     pair = load_pair(ModelConfig(student=student), run.path / "adapter-grpo")
     _assert_loaded(pair.model, grpo)

@@ -198,7 +198,8 @@ def train_grpo(
             callbacks=[LiveProgress("GRPO", "reward")] if progress else None,
         )
         trainer.remove_callback(PrinterCallback)
-        speed_up(trainer.model, autocast=flags["bf16"] or flags["fp16"])
+        # TRL generates outside autocast: PEFT must keep casting LoRA inputs to the fp32 factors' dtype
+        speed_up(trainer.model, autocast=False)
         t0 = time.perf_counter()
         result = trainer.train()
         wall = time.perf_counter() - t0
