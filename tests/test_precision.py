@@ -139,15 +139,7 @@ def test_bf16_sft_loads_a_bf16_base_and_uses_the_cpu_kernels(tmp_path, tiny_dir,
 
     monkeypatch.setattr(sft_mod, "speed_up", observed)
     student = f"hf:{tiny_dir}"
-    cfg = SFTConfig(
-        lora={"r": 4, "alpha": 8, "dropout": 0.1},
-        learning_rate=5e-3,
-        epochs=1,
-        max_steps=1,
-        effective_batch_size=2,
-        per_device_batch_size=2,
-        max_length=128,
-    )
+    cfg = _tiny_sft(dropout=0.1, steps=1)
     mc = ModelConfig(student=student, dtype="bfloat16")
     card = train_sft(student, _rows(4), tmp_path / "a", cfg, mc, progress=False)
     assert seen == {"base": torch.bfloat16, "lora": torch.float32, "drop": MaskDropout, "attn": "eager"}
@@ -155,6 +147,18 @@ def test_bf16_sft_loads_a_bf16_base_and_uses_the_cpu_kernels(tmp_path, tiny_dir,
     seen.clear()
     card = train_sft(student, _rows(4), tmp_path / "b", cfg, mc, progress=False, fast_kernels=False)
     assert not seen and "frozen base" not in card["hyperparameters"]["precision"]
+
+
+def _tiny_sft(dropout: float, steps: int) -> SFTConfig:
+    return SFTConfig(
+        lora={"r": 4, "alpha": 8, "dropout": dropout},
+        learning_rate=5e-3,
+        epochs=1,
+        max_steps=steps,
+        effective_batch_size=2,
+        per_device_batch_size=2,
+        max_length=128,
+    )
 
 
 def _rows(n):
@@ -186,15 +190,7 @@ def test_bf16_sft_autocasts_over_fp32_master_weights_and_shows_progress(
 
     monkeypatch.setattr(sft_mod, "load_student", observed)
     student = f"hf:{tiny_dir}"
-    cfg = SFTConfig(
-        lora={"r": 4, "alpha": 8, "dropout": 0.0},
-        learning_rate=5e-3,
-        epochs=1,
-        max_steps=2,
-        effective_batch_size=2,
-        per_device_batch_size=2,
-        max_length=128,
-    )
+    cfg = _tiny_sft(dropout=0.0, steps=2)
     card = train_sft(
         student, _rows(4), tmp_path / "adapter", cfg, ModelConfig(student=student, dtype="bfloat16")
     )
