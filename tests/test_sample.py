@@ -244,3 +244,33 @@ def test_smollm2_samples_reproducibly(smollm2_spec):
     b = [sample_batch(model, tok, [p], [s], max_new_tokens=12)[0] for p, s in zip(ids, [1, 2], strict=True)]
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
     assert a[0].hidden[12].shape == (576,)
+
+
+def test_batches_bound_rows_and_tokens():
+    from dalign.sample.stage import batches
+
+    lengths = [3, 3, 4, 10, 10, 40, 41, 200]
+    work = [{"i": i, "prompt_token_ids": [0] * n, "max_new_tokens": 8} for i, n in enumerate(lengths)]
+    got = batches(work, rows=3, tokens=64)
+    assert [w["i"] for b in got for w in b] == list(range(len(work)))  # all, in order, once
+    for b in got:
+        need = len(b) * max(len(w["prompt_token_ids"]) + w["max_new_tokens"] for w in b)
+        assert len(b) <= 3 and (need <= 64 or len(b) == 1)
+    assert [len(b) for b in got] == [3, 2, 1, 1, 1]  # the 200-token prompt alone, though over the cap
+
+
+def test_merged_adapter_samples_what_the_adapter_does(tmp_path, tiny_dir, tiny_adapter_dir):
+    texts = {}
+    for merge in (True, False):
+        cfg = _config(
+            tmp_path,
+            tiny_dir,
+            name=f"merge-{merge}",
+            model={"adapter": str(tiny_adapter_dir)},
+            sample={"merge_adapter": merge},
+        )
+        run = RunDir.for_config(cfg)
+        run_sample(run)
+        assert run.stage_entry("sample")["adapter_merged"] is merge
+        texts[merge] = run.read("samples").sort_values(["benchmark", "prompt_id", "candidate"])["token_ids"]
+    assert [list(t) for t in texts[True]] == [list(t) for t in texts[False]]

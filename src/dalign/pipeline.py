@@ -22,8 +22,15 @@ from dalign.rundir import RunDir, adapter_dir, config_changes, input_changes, ro
 
 MODEL_SHAPE = ("model.student", "model.system_prompt", "model.think_prefix", "model.dtype")
 JUDGE = ("judge", "-judge.batch_size")
-# What a sampled candidate depends on in `sample` (rows: datasets, n; speed: batch size; which models: models).
-SAMPLING = ("sample", "-sample.batch_size", "-sample.datasets", "-sample.n", "-sample.models")
+# What a sampled candidate depends on in `sample` (rows: datasets, n; speed: batch sizes; which models: models).
+SAMPLING = (
+    "sample",
+    "-sample.batch_size",
+    "-sample.batch_tokens",
+    "-sample.datasets",
+    "-sample.n",
+    "-sample.models",
+)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,12 @@ rows shared its batch. We instead sample each row by inverse CDF with one unifor
 different bucketing gives the same text. (One uniform per row and step, not one per vocabulary entry as
 Gumbel-max would need, keeps the cost at that of plain sampling.)
 
-The decode loop is our own rather than `generate`'s, for speed on CPU: a row leaves the batch (and its KV cache
-rows are dropped) as soon as it has produced its stop token, so finished candidates cost nothing while the
-others run on; with capture it leaves one step later, after its last token was fed. Per step it does what
-greedy `generate` does: repetition penalty (HF's rule), the model's `suppress_tokens`, then the draw.
+The decode loop is our own rather than `generate`'s, for speed on CPU: the KV cache is reserved once and written
+in place (`kvcache.py`), the prompt's logits are computed at its last position only, and a row that produced its
+stop token stops drawing at once; finished rows leave the batch and the KV cache together once a quarter of the
+batch has finished (`COMPACT_AT`), so they cost little while the others run on. With capture a row finishes one
+step later, after its last token was fed. Per step it does what greedy `generate` does: repetition penalty (HF's
+rule), the model's `suppress_tokens`, then the draw. Batch rows never mix, so none of this changes a row's text.
 
 Optionally the aligned model's hidden state of the final token is captured while generating (forward hooks), so
 latent-similarity scoring later needs only the base model's pass.
@@ -25,6 +27,12 @@ import numpy as np
 import torch
 
 from dalign.models.family import cache_kwarg, family_of, generated_cache
+from dalign.sample.kvcache import reserved_cache
+
+# Finished rows stay in the batch (fed padding, outputs ignored) until at most this share of it is still
+# generating; then the batch and its KV cache are compacted. Compacting copies the cache, so doing it at every
+# finished row would cost more than the few dead rows' compute.
+COMPACT_AT = 0.75
 
 
 def derive_seed(base: int, *parts: object) -> int:
@@ -135,43 +143,58 @@ def sample_batch(
     tokens: list[list[int]] = [[] for _ in range(n)]
     reasons = ["length"] * n
     hidden: list[dict[int, np.ndarray]] = [{} for _ in range(n)]
-    rows = list(range(n))  # original index of each live batch row
-    budget = torch.tensor(budgets, device=device)  # of the live rows
-    seen = ids  # every id each live row has so far (the repetition penalty reads them)
+    rows = list(range(n))  # original index of each batch row
+    alive = torch.ones(n, dtype=torch.bool, device=device)  # batch rows still generating
+    budget = torch.tensor(budgets, device=device)  # of the batch rows
+    seen = ids  # every id each batch row has so far (the repetition penalty reads them)
     ckw = cache_kwarg(model)
+    cache = reserved_cache(model, family_of(model).num_layers, ids.shape[1] + max(budgets) + 1)
     try:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=_positions(mask),
+            use_cache=True,
+            # The last position's logits only: all of them are [batch, length, vocab] (GBs for long prompts). As an
+            # index tensor, not the int 1: the int slices a strided view, which bf16 CPU matmul copies the head for.
+            logits_to_keep=torch.tensor([ids.shape[1] - 1], device=device),
+            **({ckw: cache} if cache is not None else {}),
+        )
         cache, logits = generated_cache(out), out.logits[:, -1]
         for step in range(max(budgets, default=0)):
-            scores = logits.float()
+            live = alive.nonzero().flatten()
+            partial = len(live) < len(rows)
+            scores = logits[live].float() if partial else logits.float()
             if repetition_penalty != 1.0:
-                scores = repetition_penalty_(scores, seen, repetition_penalty)
+                scores = repetition_penalty_(scores, seen[live] if partial else seen, repetition_penalty)
             if suppress:
                 scores[:, suppress] = float("-inf")
-            tok = sampler.draw(scores, rows) if sampler else scores.argmax(-1)
-            stopped = torch.isin(tok, stops)
-            for b, (r, t) in enumerate(zip(rows, tok.tolist(), strict=True)):
+            live_rows = [rows[b] for b in live.tolist()]
+            drawn = sampler.draw(scores, live_rows) if sampler else scores.argmax(-1)
+            stopped = torch.isin(drawn, stops)
+            for r, t, s in zip(live_rows, drawn.tolist(), stopped.tolist(), strict=True):
                 tokens[r].append(t)
-                if stopped[b]:
+                if s:
                     reasons[r] = "stop"
-            ended = stopped | (step + 1 >= budget)
+            ended = live[stopped | (step + 1 >= budget[live])]
+            tok = drawn if not partial else torch.full_like(budget, pad_id).index_put_((live,), drawn)
             if capture_layers:  # feed the token first: its state is the row's final-token state
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
                 out = _step(model, tok, mask, cache, ckw)
-                for b in ended.nonzero().flatten().tolist():
+                for b in ended.tolist():
                     hidden[rows[b]] = {layer: last[layer][b].numpy() for layer in capture_layers}
-            keep = (~ended).nonzero().flatten()
-            if len(keep) == 0:
+            alive[ended] = False
+            if not alive.any():
                 break
-            if len(keep) < len(rows):  # finished rows leave the batch and their KV cache
+            logits = out.logits[:, -1] if capture_layers else None
+            if alive.sum() <= COMPACT_AT * len(rows):  # finished rows leave the batch and their KV cache
+                keep = alive.nonzero().flatten()
                 rows = [rows[b] for b in keep.tolist()]
                 cache.batch_select_indices(keep)
-                mask, tok, budget = mask[keep], tok[keep], budget[keep]
-                seen = seen[keep]
+                mask, tok, budget, seen, alive = mask[keep], tok[keep], budget[keep], seen[keep], alive[keep]
+                logits = logits[keep] if logits is not None else None
             seen = torch.cat([seen, tok[:, None]], dim=1)
-            if capture_layers:
-                logits = out.logits[keep, -1]
-            else:
+            if not capture_layers:
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
                 logits = _step(model, tok, mask, cache, ckw).logits[:, -1]
     finally:

@@ -96,6 +96,22 @@ def drop_calibration_leaks(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, 
     return pd.concat([eval_rows, left]).sort_index(), {str(k): int(v) for k, v in dropped.items()}, warnings
 
 
+def batches(work: list[dict], rows: int, tokens: int) -> list[list[dict]]:
+    """Consecutive work items in batches of at most `rows` items and `tokens` padded tokens (rows x (longest
+    prompt + largest budget)); an item alone over `tokens` still gets a batch of its own."""
+    out: list[list[dict]] = []
+    batch: list[dict] = []
+    width = 0
+    for w in work:
+        need = max(width, len(w["prompt_token_ids"]) + w["max_new_tokens"])
+        if batch and (len(batch) == rows or (len(batch) + 1) * need > tokens):
+            out.append(batch)
+            batch, need = [], len(w["prompt_token_ids"]) + w["max_new_tokens"]
+        batch.append(w)
+        width = need
+    return out + ([batch] if batch else [])
+
+
 def _prune(store, rows: pd.DataFrame, n: int) -> int:
     """Drop sample rows no longer requested (a dataset removed, a smaller n, a prompt whose text changed)."""
     if not store.files():
@@ -170,6 +186,9 @@ class SampleWorker:
 
     def load(self, run: RunDir):
         pair = load_pair(run.config.model, adapter_dir(run))
+        if self.cfg.merge_adapter and hasattr(pair.model, "merge_and_unload"):
+            # no LoRA matmuls and fp32 casts at every step; scoring keeps the unmerged pair (it needs the base)
+            return pair.model.merge_and_unload(), pair.tokenizer
         return pair.model, pair.tokenizer
 
     def __call__(self, chunk: pd.DataFrame) -> dict:
@@ -325,7 +344,7 @@ def _sample(run: RunDir, stage: str, model: str, force: bool) -> dict:
     # Length bucketing: neighbours in a batch have similar prompt lengths, so little padding.
     work.sort(key=lambda w: (len(w["prompt_token_ids"]), w["benchmark"], w["prompt_id"], w["candidate"]))
     # One chunk = one generation batch = one shard, on every execution backend.
-    chunks = [pd.DataFrame(work[i : i + sc.batch_size]) for i in range(0, len(work), sc.batch_size)]
+    chunks = [pd.DataFrame(c) for c in batches(work, sc.batch_size, sc.batch_tokens)]
 
     written, new_tokens, workers, busy, t0 = 0, 0, set(), 0.0, time.perf_counter()
     columns = [
@@ -358,6 +377,9 @@ def _sample(run: RunDir, stage: str, model: str, force: bool) -> dict:
         seconds=round(time.perf_counter() - t0, 1),
         tokens_per_s=round(new_tokens / max(time.perf_counter() - t0, 1e-9), 1),
         dtype=describe_dtype(cfg.model.dtype, cfg.model.device),
+        adapter_merged=bool(
+            model == "aligned" and sc.backend == "hf" and sc.merge_adapter and adapter_dir(run) is not None
+        ),
         backend=f"{sc.backend if model == 'aligned' else 'openai' if remote else 'hf'}/{cfg.execution.backend}",
         workers=sorted(workers),
         worker_seconds=round(busy, 2),
