@@ -5,8 +5,11 @@ same inputs: LoRA SFT, sampling and scoring with the packaged SmolLM2-135M, each
   layers, micro-batch 4 = one step). Baseline, yesterday's path: fp32 weights and compute, random micro-batches,
   stock kernels. New default: bf16 frozen base under bf16 autocast with fp32 LoRA master weights, length-grouped
   micro-batches, the CPU kernels of `dalign.train.cpu`.
-- Sampling: `--prompts` corpus prompts x 8 candidates, exactly `--new-tokens` new tokens each (the stop token is
-  suppressed, so both dtypes do the same work), batch 32, dalign's sampler; fp32 weights vs bf16 weights.
+- Sampling: `--prompts` corpus prompts x 8 candidates of the student with a random non-zero LoRA, exactly
+  `--new-tokens` new tokens each (the stop token is suppressed, so both do the same work), dalign's sampler.
+  Baseline, yesterday's stage: fp32, the adapter applied at every step (PEFT), batches of 32. New default: bf16,
+  the adapter merged (`sample.merge_adapter`), batches of `--batch` (the stage's `sample.batch_size`, 128). The
+  decode loop itself (reserved KV cache, grouped compaction) is the same for both.
 - Scoring: the candidates of BOTH sampling runs (2 x prompts x 8, e.g. 128), latent similarity at every layer + KL,
   prefix sharing, with a random non-zero LoRA (aligned != base); fp32 vs bf16. Accuracy of bf16 vs fp32 on the
   same candidates: max |score difference|, Spearman rank correlation per column, and the share of identical
@@ -15,7 +18,7 @@ same inputs: LoRA SFT, sampling and scoring with the packaged SmolLM2-135M, each
 The CPU may be shared: fp32 and bf16 measurements alternate (ABAB) so load drift hits both alike; matmul peaks
 (the MFU denominators) are measured once at the start, in the same process.
 
-    .venv/bin/python benchmarks/cpu_speed.py [--sft-examples 48] [--prompts 8] [--new-tokens 64] [--quick]
+    .venv/bin/python benchmarks/cpu_speed.py [--sft-examples 48] [--prompts 16] [--new-tokens 64] [--quick]
 
 Last line: JSON with sft_speedup, sample_speedup, score_speedup, sft_mfu_bf16, sample_tokens_per_s,
 score_max_abs_err, choice_agreement (and more).
@@ -87,21 +90,24 @@ def sft_runs(rows: list[dict], n_examples: int, rounds: int, out: Path) -> dict:
     return {"res": res, "flops_per_token": 2 * per_token}
 
 
-def sample_runs(models: dict, tok, ids: list[list[int]], new_tokens: int, batch: int) -> dict:
+def sample_runs(models: dict, tok, ids: list[list[int]], new_tokens: int, batches: dict) -> dict:
+    """Every (prompt, candidate) through both models; ABAB by groups of the larger batch so load drift hits both."""
     work = [(i, c) for i in range(len(ids)) for c in range(8)]
     out = {d: {"gens": [], "seconds": 0.0, "tokens": 0} for d in DTYPES}
-    for s in range(0, len(work), batch):
-        chunk = work[s : s + batch]
-        seeds = [derive_seed(0, "cpu_speed", i, c) for i, c in chunk]
-        for d in DTYPES:  # ABAB
-            t = time.perf_counter()
-            gens = sample_batch(models[d], tok, [ids[i] for i, _ in chunk], seeds, max_new_tokens=new_tokens)
-            out[d]["seconds"] += time.perf_counter() - t
-            out[d]["tokens"] += sum(len(g.token_ids) for g in gens)
-            out[d]["gens"] += [(i, c, g.token_ids) for (i, c), g in zip(chunk, gens, strict=True)]
-            print(
-                f"  sample {d} batch {s // batch}: {out[d]['tokens']} tokens so far, {out[d]['seconds']:.1f} s"
-            )
+    group = max(batches.values())
+    for g in range(0, len(work), group):
+        for d in DTYPES:
+            for s in range(g, min(g + group, len(work)), batches[d]):
+                chunk = work[s : min(s + batches[d], g + group)]
+                seeds = [derive_seed(0, "cpu_speed", i, c) for i, c in chunk]
+                t = time.perf_counter()
+                gens = sample_batch(
+                    models[d], tok, [ids[i] for i, _ in chunk], seeds, max_new_tokens=new_tokens
+                )
+                out[d]["seconds"] += time.perf_counter() - t
+                out[d]["tokens"] += sum(len(x.token_ids) for x in gens)
+                out[d]["gens"] += [(i, c, x.token_ids) for (i, c), x in zip(chunk, gens, strict=True)]
+            print(f"  sample {d}: {out[d]['tokens']} tokens so far, {out[d]['seconds']:.1f} s")
     return out
 
 
@@ -172,9 +178,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sft-examples", type=int, default=48, help="corpus traces per SFT run (one epoch)")
     ap.add_argument("--sft-rounds", type=int, default=2, help="ABAB rounds of SFT")
-    ap.add_argument("--prompts", type=int, default=8, help="sampling prompts (x 8 candidates)")
+    ap.add_argument("--prompts", type=int, default=16, help="sampling prompts (x 8 candidates)")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=128, help="the new default's sampling batch")
     ap.add_argument("--quick", action="store_true", help="a smoke run (8 traces, 2 prompts, 8 tokens)")
     args = ap.parse_args()
     if args.quick:
@@ -205,17 +211,24 @@ def main() -> None:
         print(f"  sft speed-up bf16/fp32: {result['sft_speedup']:.2f}x")
 
         print("sampling")
-        models = {d: load_model(SPEC, dtype=d, device="cpu")[0] for d in DTYPES}
-        _, tok = load_model(SPEC, dtype="float32", device="cpu")
+        make_adapter(tmp / "adapter")
+        pairs = {
+            d: load_pair(ModelConfig(student=SPEC, dtype=d, device="cpu"), tmp / "adapter") for d in DTYPES
+        }
+        # yesterday: the PEFT model as loaded; now: the adapter merged, as the sample stage does
+        models = {"float32": pairs["float32"].model, "bfloat16": pairs["bfloat16"].model.merge_and_unload()}
+        tok = pairs["float32"].tokenizer
         for m in models.values():  # same work for both: every candidate gets exactly --new-tokens
             m.generation_config.suppress_tokens = [tok.eos_token_id]
         prompts = corpus["prompt"].tolist()[: args.prompts]
         ids = [prompt_ids(tok, p, think_prefix=True)[0] for p in prompts]
         for m in models.values():
             sample_batch(m, tok, ids[:2], [1, 2], max_new_tokens=2)  # warm-up
-        smp = sample_runs(models, tok, ids, args.new_tokens, args.batch)
+        smp = sample_runs(models, tok, ids, args.new_tokens, {"float32": 32, "bfloat16": args.batch})
         flops = cpu.generation_flops(
-            models["float32"],
+            models[
+                "bfloat16"
+            ],  # the model's own FLOPs: the unmerged LoRA's extra matmuls are not useful work
             [len(ids[i]) for i, _, _ in smp["float32"]["gens"]],
             [args.new_tokens] * len(smp["float32"]["gens"]),
         )
@@ -231,15 +244,15 @@ def main() -> None:
             sample_tokens_per_s_fp32=round(s_tps["float32"], 1),
             sample_mfu_bf16=round(flops / smp["bfloat16"]["seconds"] / 1e9 / peaks["bfloat16"], 4),
             sample_candidates=len(smp["float32"]["gens"]),
+            sample_batch=args.batch,
             sample_same_text_share=round(float(same_text), 3),
         )
         print(
             f"  sample speed-up bf16/fp32: {result['sample_speedup']:.2f}x (identical texts: {same_text:.0%})"
         )
-        del models
+        del models, pairs
 
         print("scoring")
-        make_adapter(tmp / "adapter")
         srows, groups = [], []
         for d in DTYPES:
             for i, c, toks in smp[d]["gens"]:
