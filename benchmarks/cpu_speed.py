@@ -225,10 +225,9 @@ def main() -> None:
         for m in models.values():
             sample_batch(m, tok, ids[:2], [1, 2], max_new_tokens=2)  # warm-up
         smp = sample_runs(models, tok, ids, args.new_tokens, {"float32": 32, "bfloat16": args.batch})
+        # FLOPs of the model itself (the merged one): the unmerged LoRA's extra matmuls are not useful work
         flops = cpu.generation_flops(
-            models[
-                "bfloat16"
-            ],  # the model's own FLOPs: the unmerged LoRA's extra matmuls are not useful work
+            models["bfloat16"],
             [len(ids[i]) for i, _, _ in smp["float32"]["gens"]],
             [args.new_tokens] * len(smp["float32"]["gens"]),
         )

@@ -6,6 +6,7 @@ the values of transformers' DynamicCache."""
 from __future__ import annotations
 
 import pytest
+import torch
 from test_sample import PROMPTS
 
 from dalign.models import load_model, prompt_ids
@@ -79,8 +80,6 @@ def test_per_row_budgets_end_rows_at_their_own_length(tiny, capture):
 
 def test_reserved_cache_gives_dynamic_cache_values(tiny):
     """Prefill, steps past the reserved capacity (it grows), a batch compaction: logits as with DynamicCache."""
-    import torch
-
     model, _, _ = tiny
     torch.manual_seed(0)
     ids = torch.randint(5, 250, (4, 6))

@@ -34,11 +34,8 @@ class ReservedLayer(DynamicLayer):
         if end > self.capacity:  # more than reserved: grow once, geometrically, rather than fail
             self.capacity = max(end, 2 * self.capacity)
             grow = self.capacity - self._k.shape[-2]
-            self._k = torch.cat(
-                [self._k, self._k.new_empty((*self._k.shape[:2], grow, self._k.shape[-1]))], 2
-            )
-            self._v = torch.cat(
-                [self._v, self._v.new_empty((*self._v.shape[:2], grow, self._v.shape[-1]))], 2
+            self._k, self._v = (
+                torch.cat([t, t.new_empty((*t.shape[:2], grow, t.shape[-1]))], 2) for t in (self._k, self._v)
             )
         self._k[:, :, self.length : end] = key_states
         self._v[:, :, self.length : end] = value_states

@@ -101,14 +101,14 @@ def batches(work: list[dict], rows: int, tokens: int) -> list[list[dict]]:
     prompt + largest budget)); an item alone over `tokens` still gets a batch of its own."""
     out: list[list[dict]] = []
     batch: list[dict] = []
-    width = 0
+    width = 0  # the batch's longest prompt + budget
     for w in work:
-        need = max(width, len(w["prompt_token_ids"]) + w["max_new_tokens"])
-        if batch and (len(batch) == rows or (len(batch) + 1) * need > tokens):
+        size = len(w["prompt_token_ids"]) + w["max_new_tokens"]
+        if batch and (len(batch) == rows or (len(batch) + 1) * max(width, size) > tokens):
             out.append(batch)
-            batch, need = [], len(w["prompt_token_ids"]) + w["max_new_tokens"]
+            batch, width = [], 0
         batch.append(w)
-        width = need
+        width = max(width, size)
     return out + ([batch] if batch else [])
 
 
