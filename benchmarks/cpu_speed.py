@@ -10,10 +10,15 @@ same inputs: LoRA SFT, sampling and scoring with the packaged SmolLM2-135M, each
   Baseline, yesterday's stage: fp32, the adapter applied at every step (PEFT), batches of 32. New default: bf16,
   the adapter merged (`sample.merge_adapter`), batches of `--batch` (the stage's `sample.batch_size`, 128). The
   decode loop itself (reserved KV cache, grouped compaction) is the same for both.
-- Scoring: the candidates of BOTH sampling runs (2 x prompts x 8, e.g. 128), latent similarity at every layer + KL,
-  prefix sharing, with a random non-zero LoRA (aligned != base); fp32 vs bf16. Accuracy of bf16 vs fp32 on the
+- Scoring: the candidates of BOTH sampling runs (2 x prompts x 8, e.g. 256), latent similarity at every layer + KL,
+  prefix sharing, with a random non-zero LoRA (aligned != base). Baseline, yesterday's path: fp32, the log-softmax
+  over whole LM-head chunks. New default: bf16 (fp32 residual, linear inputs cast once), cache-sized slices. Accuracy of bf16 vs fp32 on the
   same candidates: max |score difference|, Spearman rank correlation per column, and the share of identical
   choices (per prompt, per selector: every layer's argmin and KL's argmax).
+
+- Components, bf16, each alone against its stock setting: the scorer's log-softmax in `SOFTMAX_ROWS`-row slices
+  vs whole LM-head chunks (KL only, a quarter of the scored candidates), and TRL's fused LM head in `head_tiles`
+  tiles vs TRL's (forward + backward, 1,100 positions).
 
 The CPU may be shared: fp32 and bf16 measurements alternate (ABAB) so load drift hits both alike; matmul peaks
 (the MFU denominators) are measured once at the start, in the same process.
@@ -21,12 +26,13 @@ The CPU may be shared: fp32 and bf16 measurements alternate (ABAB) so load drift
     .venv/bin/python benchmarks/cpu_speed.py [--sft-examples 48] [--prompts 16] [--new-tokens 64] [--quick]
 
 Last line: JSON with sft_speedup, sample_speedup, score_speedup, sft_mfu_bf16, sample_tokens_per_s,
-score_max_abs_err, choice_agreement (and more).
+score_max_abs_err, choice_agreement (and more: softmax_slice_speedup, head_tiles_speedup, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -38,6 +44,7 @@ import torch
 from dalign.config import LoraConfig, ModelConfig, SFTConfig
 from dalign.models import cpu, load_model, load_pair, prompt_ids
 from dalign.sample.sampler import derive_seed, sample_batch
+from dalign.score import engine
 from dalign.score.engine import ScoreEngine, ScoreRow
 from dalign.teach.corpus import load_corpus
 
@@ -131,19 +138,86 @@ def score_runs(adapter: Path, rows: list[ScoreRow], parts: int) -> dict:
     engines = {
         d: ScoreEngine(pairs[d], ["latent_similarity", "kl"], "all", 16, share_prompt=True) for d in DTYPES
     }
+    # yesterday's path took the log-softmax over whole LM-head chunks; the new default in cache-sized slices
+    slices = {"float32": engine.LOGIT_CHUNK, "bfloat16": engine.SOFTMAX_ROWS}
     chunks = np.array_split(np.arange(len(rows)), parts)  # whole prompts stay together: rows are grouped
     got = {d: {} for d in DTYPES}
     secs = dict.fromkeys(DTYPES, 0.0)
     for k, idx in enumerate(chunks):
         for d in DTYPES:  # ABAB
             t = time.perf_counter()
-            vals = engines[d].score([rows[i] for i in idx])
+            with patched(engine, "SOFTMAX_ROWS", slices[d]):
+                vals = engines[d].score([rows[i] for i in idx])
             secs[d] += time.perf_counter() - t
             for col, v in vals.items():
                 got[d].setdefault(col, []).append(v)
             print(f"  score {d} part {k}: {secs[d]:.1f} s so far")
     got = {d: {c: np.concatenate(v) for c, v in cols.items()} for d, cols in got.items()}
     return {"values": got, "seconds": secs, "model": pairs["float32"].model}  # PEFT model: LoRA counted
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def component_runs(adapter: Path, rows: list[ScoreRow], rounds: int = 3) -> dict:
+    """Two CPU kernels alone, ABAB, against the stock settings: the scorer's log-softmax slices (KL only, bf16,
+    `rows`) and TRL's fused LM head in `head_tiles` tiles (forward + backward on 1,100 positions, bf16 autocast)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from dalign.train.cpu import head_tiles
+
+    pair = load_pair(ModelConfig(student=SPEC, dtype="bfloat16", device="cpu"), adapter)
+    eng = ScoreEngine(pair, ["kl"], share_prompt=True)
+    head = pair.model.get_output_embeddings().weight.detach()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1100, head.shape[1], generator=g)
+    targets = torch.randint(0, head.shape[0], (1100,), generator=g)
+
+    def head_pass() -> None:
+        import trl.trainer.utils as tu
+
+        h = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = ChunkedLogProbFunction.apply(
+                h,
+                head,
+                None,
+                targets,
+                1.0,
+                tu._CHUNKED_LOGPROB_CHUNK_SIZE,
+                None,
+                1.0,
+                ("log_probs", "entropy"),
+            )[0]
+        lp.sum().backward()
+
+    arms = {
+        "kl_stock": lambda: patched(engine, "SOFTMAX_ROWS", engine.LOGIT_CHUNK),
+        "kl_sliced": contextlib.nullcontext,
+        "head_stock": contextlib.nullcontext,
+        "head_tiles": head_tiles,
+    }
+    work = {"kl": lambda: eng.score(rows), "head": head_pass}
+    secs = dict.fromkeys(arms, 0.0)
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, ctx in arms.items():
+            with ctx():
+                t = time.perf_counter()
+                work[name.split("_")[0]]()
+                if r:
+                    secs[name] += time.perf_counter() - t
+    return {
+        "softmax_slice_speedup": round(secs["kl_stock"] / secs["kl_sliced"], 3),
+        "head_tiles_speedup": round(secs["head_stock"] / secs["head_tiles"], 3),
+        "seconds": {k: round(v / rounds, 3) for k, v in secs.items()},
+    }
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -281,6 +355,15 @@ def main() -> None:
         print(
             f"  score speed-up bf16/fp32: {result['score_speedup']:.2f}x; max |bf16 - fp32| {err:.2e}; "
             f"min Spearman {rho:.4f}; identical choices {agree:.1%} of {n_choices}"
+        )
+
+        print("components (bf16): scorer log-softmax slices, fused LM head tiles")
+        comp = component_runs(tmp / "adapter", srows[: len(srows) // 4])
+        print(f"  {comp['seconds']} s per pass")
+        result.update({k: v for k, v in comp.items() if k != "seconds"})
+        print(
+            f"  KL in {engine.SOFTMAX_ROWS}-row slices {comp['softmax_slice_speedup']:.2f}x; "
+            f"LM head tiles {comp['head_tiles_speedup']:.2f}x"
         )
     result.update(
         peak_gflops_fp32=round(peaks["float32"], 1),

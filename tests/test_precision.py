@@ -89,17 +89,29 @@ def test_bf16_scores_stay_close_to_fp64_and_pick_the_same_candidates(tiny_dir, t
 def test_bf16_weights_keep_an_fp32_residual_stream(tiny_dir):
     """The scorer's forward on bf16 weights: layer outputs (the residual stream the guard compares) are fp32,
     while the matmuls inside run in bf16."""
+    from transformers import DynamicCache
+
+    from dalign.models.family import cache_kwarg
     from dalign.score.engine import _capture
 
     model, _ = load_model(f"hf:{tiny_dir}", dtype="bfloat16", device="cpu")
     inner = []
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: inner.append(o.dtype))
+    seen = {}  # what q, k and v received: the normed fp32 state, cast to bf16 once for all three
+    for name in ("q_proj", "k_proj", "v_proj"):
+        proj = getattr(model.model.layers[0].self_attn, name)
+        proj.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, i[0]))
     ids = torch.tensor([[5, 6, 7, 8]])
+    cache = DynamicCache(config=model.config)
     got = _capture(
-        model, {"input_ids": ids, "use_cache": False}, {2: {"last": (torch.tensor([0]), torch.tensor([3]))}}
+        model,
+        {"input_ids": ids, "use_cache": True, cache_kwarg(model): cache},
+        {2: {"last": (torch.tensor([0]), torch.tensor([3]))}},
     )
     assert got[2]["last"].dtype == torch.float32
     assert inner == [torch.bfloat16]
+    assert seen["q_proj"].dtype == torch.bfloat16 and seen["q_proj"] is seen["k_proj"] is seen["v_proj"]
+    assert cache.layers[0].keys.dtype == torch.bfloat16  # rotary cos/sin in bf16: the keys are not upcast
 
 
 def test_mask_dropout_has_the_law_of_dropout():
@@ -221,3 +233,42 @@ def test_forward_flops_match_torch_flop_counter(tiny_dir):
         fc.get_total_flops(), rel=0.01
     )
     assert cpu.matmul_peak(torch.float32, n=128, seconds=0.05) > 0
+
+
+def test_head_tiles_project_only_labelled_positions_with_the_same_numbers(tiny_dir, monkeypatch):
+    """On CPU, TRL's fused LM head under `head_tiles`: the kernel gets only the positions that have a label, in
+    our tile sizes; loss, log-probs, entropy and gradients equal TRL's default path. Settings restored on exit."""
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as tu
+    from trl.trainer.utils import add_fused_lm_head
+
+    from dalign.train.cpu import HEAD_TOKENS, HEAD_VOCAB, head_tiles
+
+    model, _ = load_model(f"hf:{tiny_dir}", dtype="float32", device="cpu")
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompts
+    labels[1, 9:] = -100  # padding
+    calls = []
+    real = tu._ChunkedLogProbFunction.apply
+
+    def spy(hidden, weight, bias, targets, temperature, chunk, *rest):
+        calls.append((hidden.shape[0], chunk, kernel.TOKEN_CHUNK_SIZE))
+        return real(hidden, weight, bias, targets, temperature, chunk, *rest)
+
+    monkeypatch.setattr(tu._ChunkedLogProbFunction, "apply", staticmethod(spy))
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return [out.loss, out.log_probs, out.entropy, model.model.layers[0].mlp.down_proj.weight.grad]
+
+    stock = run()
+    with head_tiles():
+        tiled = run()
+    assert calls[1] == (int((labels[:, 1:] != -100).sum()), HEAD_VOCAB, HEAD_TOKENS) and calls[0][0] == 22
+    for a, b in zip(stock, tiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert kernel.TOKEN_CHUNK_SIZE != HEAD_TOKENS and not tu._use_triton(torch.device("cpu"))

@@ -97,6 +97,28 @@ def test_matches_float64_reference(pair, ref_pair, side, share):
     assert (got[("latent_similarity", 4)] < 0.999).all()
 
 
+def test_lm_head_chunks_and_softmax_slices_do_not_change_values(pair, ref_pair, monkeypatch):
+    """Logit metrics over response positions split across LM-head chunks and softmax slices of odd sizes."""
+    from dalign.score import engine
+
+    monkeypatch.setattr(engine, "LOGIT_CHUNK", 5)
+    monkeypatch.setattr(engine, "SOFTMAX_ROWS", 2)
+    rows = make_rows(seed=5)
+    got = ScoreEngine(pair, ALL, [2], batch_size=4).score(rows)
+    assert_close(got, [reference(ref_pair, r, [2]) for r in rows], rows)
+
+
+def test_kl_terms_of_zero_probability_are_zero():
+    """p_v = 0 contributes 0 even where log q_v = -inf (masked logits); q_v = 0 under p_v > 0 gives inf."""
+    kl = get_metric("kl").fn
+    inf = math.inf
+    logp = torch.tensor([[math.log(0.5), math.log(0.5), -inf], [math.log(0.5), math.log(0.5), -inf]])
+    logq = torch.tensor([[math.log(0.25), math.log(0.75), -inf], [math.log(0.25), -inf, math.log(0.75)]])
+    got = kl(logp, logq, torch.zeros(2, dtype=torch.long))
+    assert got[0].item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    assert got[1].item() == inf
+
+
 def test_batch_size_and_order_do_not_change_values(pair):
     rows = make_rows(seed=3)
     a = ScoreEngine(pair, ALL, [2], batch_size=1).score(rows)

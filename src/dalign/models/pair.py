@@ -169,7 +169,11 @@ def load_pair(cfg: ModelConfig, adapter: str | Path | None = None) -> ModelPair:
             tok = pair_tokenizer(cfg, adapter)
             if len(tok) != model.get_input_embeddings().weight.shape[0]:
                 model.resize_token_embeddings(len(tok), mean_resizing=False)
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
+        # Inference only: LoRA factors in the model's dtype (PEFT would keep bf16 models' in fp32 and cast every
+        # activation up for them; the scorer's autocast rounds them to bf16 for the matmul either way).
+        model = PeftModel.from_pretrained(
+            model, adapter, is_trainable=False, autocast_adapter_dtype=False
+        ).eval()
         model.to(pick_device(cfg.device))
         info["adapter_card"] = adapter_card(adapter)
     base = None

@@ -36,7 +36,11 @@ from dalign.score.metrics import Metric, get_metric
 Column = tuple[str, int | None]  # (metric, layer) — layer is None for metrics that are not per layer
 Picks = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (batch rows, sequence positions)
 
-LOGIT_CHUNK = 256  # response positions per LM-head chunk: bounds the [chunk, V] temporaries
+LOGIT_CHUNK = 256  # response positions per LM-head matmul: bounds the [chunk, V] logits
+# Positions per log-softmax and metric pass on CPU: [8, V] fp32 temporaries stay in L2 cache instead of streaming
+# [256, V] ones through memory; KL scoring as a whole ran 1.11x faster (benchmarks/RESULTS.md, cpu_speed). GPUs take
+# the whole chunk.
+SOFTMAX_ROWS = 8
 
 
 class ScoreError(ValueError):
@@ -106,6 +110,7 @@ def _capture(
         # output is upcast, every sublayer output adds onto fp32). A bf16 residual rounds the cosines the guard
         # compares (near 1) to ~4e-3; fp32 keeps bf16 vs fp32 choices alike (benchmarks/cpu_speed.py).
         handles.append(fam.model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.float()))
+        handles += _cast_matmul_inputs(fam, low)
     try:
         with torch.autocast(fam.model.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
             fam.decoder()(**inputs)
@@ -118,6 +123,50 @@ def _capture(
     if missing:  # a family whose layer_output_module is wrong for this architecture
         raise RuntimeError(f"hooks for layers {missing} never fired on {type(fam.model).__name__}")
     return store
+
+
+class _CastOnce:
+    """Forward pre-hook: an fp32 activation entering a linear layer is cast to the weights' dtype once.
+
+    Autocast would cast it again at every layer that reads it (q, k and v read one normed state; gate and up
+    another), and PEFT would cast it back to fp32 for LoRA factors kept in fp32 (`load_pair` keeps them in the
+    model's dtype). The values are the same as autocast's.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.src: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+
+    def __call__(self, module, args):
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+            return None
+        # Identity suffices: decoders make new tensors between reads, they do not edit them in place.
+        if x is not self.src:
+            self.src, self.out = x, x.to(self.dtype)
+        return (self.out, *args[1:])
+
+
+def _cast_matmul_inputs(fam, low: torch.dtype) -> list:
+    """Hooks that feed the decoder's linear layers `low` inputs, cast once each (see `_CastOnce`), and make the
+    rotary cos/sin `low` (as in a plain bf16 forward) so queries, keys and the KV cache stay `low` too."""
+    cast = _CastOnce(low)
+    handles = [
+        m.register_forward_pre_hook(cast)
+        for m in fam.decoder().modules()
+        if isinstance(m, torch.nn.Linear) or hasattr(m, "base_layer")  # PEFT's LoRA wrappers
+    ]
+    rotary = getattr(fam.decoder(), "rotary_emb", None)
+    if rotary is not None:
+
+        def to_low(module, args, out):
+            if isinstance(out, tuple) and all(isinstance(t, torch.Tensor) for t in out):
+                return tuple(t.to(low) if t.is_floating_point() else t for t in out)
+            return None
+
+        handles.append(rotary.register_forward_hook(to_low))
+    return handles
 
 
 def _lm_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -461,19 +510,24 @@ class ScoreEngine:
         sums = {m.name: torch.zeros(len(batch), dtype=torch.float64, device=dev) for m in token}
         need_b = any(m.needs_base_logits for m in token)
         total = int(r.sum())
+        step = SOFTMAX_ROWS if dev.type == "cpu" else LOGIT_CHUNK
         with torch.inference_mode():
             for s in range(0, total, LOGIT_CHUNK):
                 e = min(s + LOGIT_CHUNK, total)
                 # Re-enter the contexts per chunk: the base head differs when the adapter trains lm_head.
                 with self.pair.aligned() as model:
-                    la = self._logp(model, a.logit_states[s:e])
-                lb = None
+                    za = _lm_head(model)(a.logit_states[s:e])
+                zb = None
                 if need_b:
                     with self.pair.base() as model:
-                        lb = self._logp(model, b.logit_states[s:e])
-                for m in token:
-                    vals = m.fn(la, lb if m.needs_base_logits else None, targets[s:e])
-                    sums[m.name].index_add_(0, row_of[s:e], vals.double())
+                        zb = _lm_head(model)(b.logit_states[s:e])
+                for u in range(0, e - s, step):
+                    v = min(u + step, e - s)
+                    la = self._logp(za[u:v])
+                    lb = self._logp(zb[u:v]) if zb is not None else None
+                    for m in token:
+                        vals = m.fn(la, lb if m.needs_base_logits else None, targets[s + u : s + v])
+                        sums[m.name].index_add_(0, row_of[s + u : s + v], vals.double())
         out = {}
         count = r.to(dev).double()
         for m in token:
@@ -484,8 +538,7 @@ class ScoreEngine:
         return out
 
     @staticmethod
-    def _logp(model, states: torch.Tensor) -> torch.Tensor:
-        logits = _lm_head(model)(states)
+    def _logp(logits: torch.Tensor) -> torch.Tensor:
         # At least fp32 for the softmax; fp64 models (the tests' reference) keep fp64.
         return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 

@@ -114,10 +114,13 @@ def latent_similarity(h_aligned: torch.Tensor, h_base: torch.Tensor) -> torch.Te
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    # KL(p||q) = sum_v p_v (log p_v - log q_v); xlogy-style guard so p_v = 0 contributes 0 even if log q_v = -inf.
-    p = logp.exp()
-    diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
-    return (p * diff).sum(-1)
+    # KL(p||q) = sum_v p_v (log p_v - log q_v), in three passes over [P, V]
+    out = torch.linalg.vecdot(logp.exp(), logp - logq)
+    bad = out.isnan()
+    if bad.any():  # 0 * inf where p_v = 0 and log q_v = -inf (masked logits): such terms are 0
+        p, lp, lq = logp[bad].exp(), logp[bad], logq[bad]
+        out[bad] = (p * torch.where(p > 0, lp - lq, torch.zeros_like(lp))).sum(-1)
+    return out
 
 
 @token_metric(

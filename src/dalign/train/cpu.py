@@ -6,11 +6,15 @@
   activation to fp32 only for autocast to copy it back to bf16;
 - eager attention: at these lengths SDPA's CPU flash-attention backward took 2x the time of the eager matmuls;
 - LoRA dropout masks from 16-bit random integers (`MaskDropout`): `nn.Dropout`'s bernoulli_ was a third of a
-  bf16 step (210 masks of up to 1.6M entries each).
+  bf16 step (210 masks of up to 1.6M entries each);
+- TRL's fused LM head (`head_tiles`) in cache-sized tiles and on the completion positions only.
 `benchmarks/cpu_speed.py` measures the whole against the stock path (`fast_kernels=False`).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -66,3 +70,34 @@ def speed_up(model: torch.nn.Module, autocast: bool) -> None:
         for name, drop in (drops or {}).items():
             if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
                 drops[name] = MaskDropout(drop.p)
+
+
+# TRL's defaults are sized for GPUs: [4096 tokens, 32768 vocabulary] tiles of fp32 statistics stream through memory on
+# a CPU. [128, 4096] tiles stay in cache: the head's forward + backward on 1,100 tokens x 49,152 entries ran 2.36x
+# faster (bf16, SmolLM2's head; benchmarks/RESULTS.md, cpu_speed).
+HEAD_TOKENS, HEAD_VOCAB = 128, 4096
+
+
+@contextlib.contextmanager
+def head_tiles() -> Iterator[None]:
+    """While training on CPU: TRL's fused LM head (`fused_lm_head=True`, log-probs without the [N, V] logits) runs
+    in `HEAD_TOKENS x HEAD_VOCAB` tiles and projects only the positions that have a label, as TRL does on GPUs
+    (it scores every position elsewhere to keep tile shapes fixed for compilers; eager CPU has none). The same
+    numbers up to summation order. TRL's module settings are restored on exit; a TRL without them is left alone."""
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as tu
+
+    names = [(kernel, "TOKEN_CHUNK_SIZE"), (tu, "_CHUNKED_LOGPROB_CHUNK_SIZE"), (tu, "_use_triton")]
+    if not all(hasattr(mod, name) for mod, name in names):
+        yield
+        return
+    saved = [getattr(mod, name) for mod, name in names]
+    on_gpu = saved[2]
+    new = [HEAD_TOKENS, HEAD_VOCAB, lambda device: device.type == "cpu" or on_gpu(device)]
+    try:
+        for (mod, name), value in zip(names, new, strict=True):
+            setattr(mod, name, value)
+        yield
+    finally:
+        for (mod, name), value in zip(names, saved, strict=True):
+            setattr(mod, name, value)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -52,7 +53,7 @@ from dalign.train.common import (
     write_card,
 )
 from dalign.train.common import strip_bos as _strip_bos
-from dalign.train.cpu import frozen_dtype, speed_up
+from dalign.train.cpu import frozen_dtype, head_tiles, speed_up
 
 
 class JudgeReward:
@@ -201,7 +202,8 @@ def train_grpo(
         # TRL generates outside autocast: PEFT must keep casting LoRA inputs to the fp32 factors' dtype
         speed_up(trainer.model, autocast=False)
         t0 = time.perf_counter()
-        result = trainer.train()
+        with contextlib.nullcontext() if use_cuda() else head_tiles():
+            result = trainer.train()
         wall = time.perf_counter() - t0
         history = trainer.state.log_history
         rewards = log_series(history, "reward")

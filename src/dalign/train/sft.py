@@ -11,6 +11,7 @@ the prompt/completion boundary and no second BOS. TRL builds the labels (-100 on
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import warnings
@@ -42,7 +43,7 @@ from dalign.train.common import (
     world_size,
     write_card,
 )
-from dalign.train.cpu import frozen_dtype, speed_up
+from dalign.train.cpu import frozen_dtype, head_tiles, speed_up
 
 DATA_FIELDS = ("prompt_id", "prompt", "cot", "answer")
 
@@ -166,7 +167,8 @@ def train_sft(
         if fast_kernels:
             speed_up(trainer.model, autocast=flags["bf16"] or flags["fp16"])
         t0 = time.perf_counter()
-        result = trainer.train()
+        with head_tiles() if fast_kernels and not use_cuda() else contextlib.nullcontext():
+            result = trainer.train()
         wall = time.perf_counter() - t0
         history = trainer.state.log_history
         losses = log_series(history, "loss")
