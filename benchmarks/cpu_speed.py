@@ -12,10 +12,9 @@ same inputs: LoRA SFT, sampling and scoring with the packaged SmolLM2-135M, each
   decode loop itself (reserved KV cache, grouped compaction) is the same for both.
 - Scoring: the candidates of BOTH sampling runs (2 x prompts x 8, e.g. 256), latent similarity at every layer + KL,
   prefix sharing, with a random non-zero LoRA (aligned != base). Baseline, yesterday's path: fp32, the log-softmax
-  over whole LM-head chunks. New default: bf16 (fp32 residual, linear inputs cast once), cache-sized slices. Accuracy of bf16 vs fp32 on the
-  same candidates: max |score difference|, Spearman rank correlation per column, and the share of identical
-  choices (per prompt, per selector: every layer's argmin and KL's argmax).
-
+  over whole LM-head chunks. New default: bf16 (fp32 residual, linear inputs cast once), cache-sized slices.
+  Accuracy of bf16 vs fp32 on the same candidates: max |score difference|, Spearman rank correlation per column,
+  and the share of identical choices (per prompt, per selector: every layer's argmin and KL's argmax).
 - Components, bf16, each alone against its stock setting: the scorer's log-softmax in `SOFTMAX_ROWS`-row slices
   vs whole LM-head chunks (KL only, a quarter of the scored candidates), and TRL's fused LM head in `head_tiles`
   tiles vs TRL's (forward + backward, 1,100 positions).
