@@ -36,6 +36,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -145,7 +146,7 @@ def score_runs(adapter: Path, rows: list[ScoreRow], parts: int) -> dict:
     for k, idx in enumerate(chunks):
         for d in DTYPES:  # ABAB
             t = time.perf_counter()
-            with patched(engine, "SOFTMAX_ROWS", slices[d]):
+            with mock.patch.object(engine, "SOFTMAX_ROWS", slices[d]):
                 vals = engines[d].score([rows[i] for i in idx])
             secs[d] += time.perf_counter() - t
             for col, v in vals.items():
@@ -153,16 +154,6 @@ def score_runs(adapter: Path, rows: list[ScoreRow], parts: int) -> dict:
             print(f"  score {d} part {k}: {secs[d]:.1f} s so far")
     got = {d: {c: np.concatenate(v) for c, v in cols.items()} for d, cols in got.items()}
     return {"values": got, "seconds": secs, "model": pairs["float32"].model}  # PEFT model: LoRA counted
-
-
-@contextlib.contextmanager
-def patched(module, name: str, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
 
 
 def component_runs(adapter: Path, rows: list[ScoreRow], rounds: int = 3) -> dict:
@@ -198,10 +189,10 @@ def component_runs(adapter: Path, rows: list[ScoreRow], rounds: int = 3) -> dict
         lp.sum().backward()
 
     arms = {
-        "kl_stock": lambda: patched(engine, "SOFTMAX_ROWS", engine.LOGIT_CHUNK),
+        "kl_stock": lambda: mock.patch.object(engine, "SOFTMAX_ROWS", engine.LOGIT_CHUNK),
         "kl_sliced": contextlib.nullcontext,
         "head_stock": contextlib.nullcontext,
-        "head_tiles": head_tiles,
+        "head_tiles": lambda: head_tiles(pair.model),
     }
     work = {"kl": lambda: eng.score(rows), "head": head_pass}
     secs = dict.fromkeys(arms, 0.0)

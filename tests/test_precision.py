@@ -266,7 +266,7 @@ def test_head_tiles_project_only_labelled_positions_with_the_same_numbers(tiny_d
         return [out.loss, out.log_probs, out.entropy, model.model.layers[0].mlp.down_proj.weight.grad]
 
     stock = run()
-    with head_tiles():
+    with head_tiles(model):
         tiled = run()
     assert calls[1] == (int((labels[:, 1:] != -100).sum()), HEAD_VOCAB, HEAD_TOKENS) and calls[0][0] == 22
     for a, b in zip(stock, tiled, strict=True):

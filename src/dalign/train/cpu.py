@@ -79,16 +79,18 @@ HEAD_TOKENS, HEAD_VOCAB = 128, 4096
 
 
 @contextlib.contextmanager
-def head_tiles() -> Iterator[None]:
-    """While training on CPU: TRL's fused LM head (`fused_lm_head=True`, log-probs without the [N, V] logits) runs
-    in `HEAD_TOKENS x HEAD_VOCAB` tiles and projects only the positions that have a label, as TRL does on GPUs
-    (it scores every position elsewhere to keep tile shapes fixed for compilers; eager CPU has none). The same
-    numbers up to summation order. TRL's module settings are restored on exit; a TRL without them is left alone."""
+def head_tiles(model: torch.nn.Module) -> Iterator[None]:
+    """While training `model` on CPU: TRL's fused LM head (`fused_lm_head=True`, log-probs without the [N, V]
+    logits) runs in `HEAD_TOKENS x HEAD_VOCAB` tiles and projects only the positions that have a label, as TRL does
+    on GPUs (it scores every position elsewhere to keep tile shapes fixed for compilers; eager CPU has none). The
+    same numbers up to summation order. TRL's module settings are restored on exit; a GPU model, or a TRL without
+    these settings, is left alone."""
     import trl.kernels.chunked_logprob as kernel
     import trl.trainer.utils as tu
 
     names = [(kernel, "TOKEN_CHUNK_SIZE"), (tu, "_CHUNKED_LOGPROB_CHUNK_SIZE"), (tu, "_use_triton")]
-    if not all(hasattr(mod, name) for mod, name in names):
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if not on_cpu or not all(hasattr(mod, name) for mod, name in names):
         yield
         return
     saved = [getattr(mod, name) for mod, name in names]

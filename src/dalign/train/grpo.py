@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -202,7 +201,7 @@ def train_grpo(
         # TRL generates outside autocast: PEFT must keep casting LoRA inputs to the fp32 factors' dtype
         speed_up(trainer.model, autocast=False)
         t0 = time.perf_counter()
-        with contextlib.nullcontext() if use_cuda() else head_tiles():
+        with head_tiles(trainer.model):
             result = trainer.train()
         wall = time.perf_counter() - t0
         history = trainer.state.log_history

@@ -167,7 +167,7 @@ def train_sft(
         if fast_kernels:
             speed_up(trainer.model, autocast=flags["bf16"] or flags["fp16"])
         t0 = time.perf_counter()
-        with head_tiles() if fast_kernels and not use_cuda() else contextlib.nullcontext():
+        with head_tiles(trainer.model) if fast_kernels else contextlib.nullcontext():
             result = trainer.train()
         wall = time.perf_counter() - t0
         history = trainer.state.log_history
