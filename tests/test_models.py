@@ -32,6 +32,32 @@ def test_missing_gguf_file(tmp_path):
         resolve_spec(f"gguf:{tmp_path / 'nope.gguf'}")
 
 
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """A copied or reinstalled GGUF (other path, other mtime) reuses the one conversion; other bytes do not."""
+    import os
+
+    from dalign.models import loading
+
+    monkeypatch.setenv("DALIGN_CACHE", str(tmp_path / "cache"))
+    converted = []
+
+    def convert(gguf, dest):  # the real conversion needs a real GGUF; this test is about the cache key
+        converted.append(gguf)
+        dest.mkdir(parents=True)
+
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    a, b, c = (tmp_path / n for n in ("a/m.gguf", "b/m.gguf", "c/m.gguf"))
+    for p, data in ((a, b"GGUF same"), (b, b"GGUF same"), (c, b"GGUF diff")):
+        p.parent.mkdir()
+        p.write_bytes(data)
+    os.utime(b, ns=(10**18, 10**18))
+    assert resolve_spec(f"gguf:{a}") == resolve_spec(f"gguf:{b}") != resolve_spec(f"gguf:{c}")
+    assert converted == [a, c]
+    a.write_bytes(b"GGUF diff")  # rewritten in place: new mtime, hashed again
+    os.utime(a, ns=(2 * 10**18, 2 * 10**18))  # (coarse-clock file systems)
+    assert resolve_spec(f"gguf:{a}") == resolve_spec(f"gguf:{c}") and converted == [a, c]
+
+
 def test_adapter_disabled_base_equals_separate_base_bitwise(tiny_dir, tiny_adapter_dir):
     pair = load_pair(ModelConfig(student=f"hf:{tiny_dir}"), tiny_adapter_dir)
     plain, _ = load_model(f"hf:{tiny_dir}")

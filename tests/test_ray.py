@@ -113,16 +113,29 @@ def test_killed_ray_job_resumes_without_loss_or_duplicates(
     _same_samples(df, _samples(local))
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])  # the name may hold spaces; ppid follows the state
+
+
 def _actor_pids() -> set[int]:
+    """This cluster's StageActor processes: descendants of this process (ray.init started the raylet), so a
+    dalign job or another test session on the same machine is never killed."""
     pids = set()
     for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if b"StageActor" in f.read():
-                        pids.add(int(d))
-            except OSError:
-                continue
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if b"StageActor" not in f.read():
+                    continue
+            pid = int(d)
+            while pid > 1 and pid != os.getpid():
+                pid = _parent(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+        if pid == os.getpid():
+            pids.add(int(d))
     return pids
 
 

@@ -7,6 +7,7 @@ first runs safe: the second waits and then reuses the first one's cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -96,8 +97,19 @@ def resolve_spec(spec: str) -> Path | str:
 
 
 def _file_key(path: Path) -> str:
+    """The file's content hash: a reinstalled or copied GGUF (new path or mtime) reuses its conversion."""
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _content_key(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    # path, size and mtime only decide when to hash again (~0.1 s per 100 MB), once per process
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def gguf_cache(gguf: Path) -> Path:
