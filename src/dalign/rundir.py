@@ -238,6 +238,22 @@ def _dir_hash(path: str, stamp: tuple) -> str:
     return h.hexdigest()[:16]
 
 
+@cache
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):  # streamed: GGUF files are hundreds of MB
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str:
+    """Content hash of a file, cached per path, size and mtime (hashed again when one of them changes)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _file_hash(str(path), st.st_size, st.st_mtime_ns)
+
+
 def dir_hash(path: Path | None) -> str | None:
     """Content hash of an adapter dir (its adapter_* files), cached per file sizes and mtimes."""
     if path is None or not Path(path).is_dir():

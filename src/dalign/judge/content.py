@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from dalign.judge import JUDGES, Judge, final_answer, result
-from dalign.judge.probe import Probe, file_hash
+from dalign.judge.probe import Probe
+from dalign.rundir import file_hash
 
 PACKAGED_PROBE = "probe/content.safetensors"
 

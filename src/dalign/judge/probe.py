@@ -6,7 +6,6 @@ with what is needed to compute the features again (model spec, layer, token budg
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +52,6 @@ class Probe:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
             t = {k: f.get_tensor(k).astype(np.float64) for k in ("mean", "scale", "weight", "bias")}
         return cls(t["mean"], t["scale"], t["weight"], float(t["bias"][0]), meta)
-
-
-def file_hash(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, l2: float, meta: dict | None = None, iters: int = 50) -> Probe:

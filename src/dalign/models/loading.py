@@ -7,8 +7,6 @@ first runs safe: the second waits and then reuses the first one's cache.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +17,8 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+
+from dalign.rundir import file_hash
 
 
 @dataclass(frozen=True)
@@ -96,25 +96,11 @@ def resolve_spec(spec: str) -> Path | str:
     raise ModelSpecError(f"unknown model spec form {kind!r} in {spec!r}; {_spec_forms()}")
 
 
-def _file_key(path: Path) -> str:
-    """The file's content hash: a reinstalled or copied GGUF (new path or mtime) reuses its conversion."""
-    st = path.stat()
-    return _content_key(str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _content_key(path: str, size: int, mtime_ns: int) -> str:
-    # path, size and mtime only decide when to hash again (~0.1 s per 100 MB), once per process
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def gguf_cache(gguf: Path) -> Path:
-    """Convert a GGUF file to a safetensors dir once; later calls return the cached dir."""
-    out = cache_root() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    """Convert a GGUF file to a safetensors dir once; later calls return the cached dir. Keyed by the file's
+    content: a reinstalled or copied GGUF (new path or mtime) reuses its conversion."""
+    key = file_hash(gguf)
+    out = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (out / "dalign-cache.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +112,7 @@ def gguf_cache(gguf: Path) -> Path:
         Console(stderr=True).print(f"[dalign] converting {gguf.name} to a safetensors cache (once, ~30 s)...")
         tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
         _convert_gguf(gguf, tmp)
-        (tmp / "dalign-cache.json").write_text(json.dumps({"source": str(gguf), "key": _file_key(gguf)}))
+        (tmp / "dalign-cache.json").write_text(json.dumps({"source": str(gguf), "key": key}))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -6,7 +6,6 @@ resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pandas as pd
 
 from dalign.config import RunConfig
 from dalign.progress import Progress
-from dalign.rundir import RunDir
+from dalign.rundir import RunDir, file_hash
 from dalign.teach.corpus import corpus_hash, load_corpus
 from dalign.teach.parse import parse_trace
 from dalign.teach.spec import (
@@ -34,10 +33,6 @@ STAR41K = "UCSC-VLAA/STAR-41K"
 
 class PromptFileError(ValueError):
     pass
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def load_prompts(source: str, limit: int | None = None) -> pd.DataFrame:
@@ -129,7 +124,7 @@ def teach_files(run: RunDir) -> dict:
     """Identity of the files behind the traces (pipeline.PIPELINE["teach"].extra): the config only names them."""
     cfg = run.config
     spec_path = Path(cfg.teach.spec) if cfg.teach.spec else DEFAULT_SPEC
-    out = {"spec_hash": _file_hash(spec_path), "template_hash": _file_hash(DEFAULT_TEMPLATE)}
+    out = {"spec_hash": file_hash(spec_path), "template_hash": file_hash(DEFAULT_TEMPLATE)}
     if cfg.teach.teacher == "corpus":
         out["corpus_hash"] = corpus_hash(load_corpus(spec=load_spec(spec_path)))
     return out
