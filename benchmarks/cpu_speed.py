@@ -1,31 +1,35 @@
-"""fp32 (yesterday's path) vs the new default (`model.dtype: auto` = bf16 on AMX / AVX-512 BF16 CPUs), one run,
-same inputs: LoRA SFT, sampling and scoring with the packaged SmolLM2-135M, each with its MFU.
+"""fp32 (yesterday's path) vs the new default, one run, same inputs: LoRA SFT, sampling and scoring with the
+packaged SmolLM2-135M, each with its MFU. The new default's dtype is what `model.dtype: auto` picks here: bf16 on
+AMX / AVX-512 BF16 CPUs, fp32 elsewhere (there bf16 is emulated, hundreds of times slower); `--new-dtype` forces it.
+On an fp32 machine the comparison measures the new paths alone (kernels, batches, merging, slices).
 
 - SFT: one epoch of the real `train_sft` over `--sft-examples` shipped corpus traces (LoRA r 32 on all linear
   layers, micro-batch 4 = one step). Baseline, yesterday's path: fp32 weights and compute, random micro-batches,
-  stock kernels. New default: bf16 frozen base under bf16 autocast with fp32 LoRA master weights, length-grouped
-  micro-batches, the CPU kernels of `dalign.train.cpu`.
+  stock kernels. New default: length-grouped micro-batches, the CPU kernels of `dalign.train.cpu`, and on bf16 a
+  bf16 frozen base under bf16 autocast with fp32 LoRA master weights.
 - Sampling: `--prompts` corpus prompts x 8 candidates of the student with a random non-zero LoRA, exactly
   `--new-tokens` new tokens each (the stop token is suppressed, so both do the same work), dalign's sampler.
-  Baseline, yesterday's stage: fp32, the adapter applied at every step (PEFT), batches of 32. New default: bf16,
-  the adapter merged (`sample.merge_adapter`), batches of `--batch` (the stage's `sample.batch_size`, 128). The
+  Baseline, yesterday's stage: fp32, the adapter applied at every step (PEFT), batches of 32. New default: the
+  adapter merged (`sample.merge_adapter`), batches of `--batch` (the stage's `sample.batch_size`, 128). The
   decode loop itself (reserved KV cache, grouped compaction) is the same for both.
 - Scoring: the candidates of BOTH sampling runs (2 x prompts x 8, e.g. 256), latent similarity at every layer + KL,
   prefix sharing, with a random non-zero LoRA (aligned != base). Baseline, yesterday's path: fp32, the log-softmax
-  over whole LM-head chunks. New default: bf16 (fp32 residual, linear inputs cast once), cache-sized slices.
-  Accuracy of bf16 vs fp32 on the same candidates: max |score difference|, Spearman rank correlation per column,
-  and the share of identical choices (per prompt, per selector: every layer's argmin and KL's argmax).
-- Components, bf16, each alone against its stock setting: the scorer's log-softmax in `SOFTMAX_ROWS`-row slices
-  vs whole LM-head chunks (KL only, a quarter of the scored candidates), and TRL's fused LM head in `head_tiles`
-  tiles vs TRL's (forward + backward, 1,100 positions).
+  over whole LM-head chunks. New default: cache-sized slices, and on bf16 an fp32 residual with linear inputs cast
+  once. Accuracy of the new default vs fp32 on the same candidates: max |score difference|, Spearman rank
+  correlation per column, and the share of identical choices (per prompt, per selector: every layer's argmin and
+  KL's argmax).
+- Components, in the new default's dtype, each alone against its stock setting: the scorer's log-softmax in
+  `SOFTMAX_ROWS`-row slices vs whole LM-head chunks (KL only, a quarter of the scored candidates), and TRL's fused
+  LM head in `head_tiles` tiles vs TRL's (forward + backward, 1,100 positions).
 
-The CPU may be shared: fp32 and bf16 measurements alternate (ABAB) so load drift hits both alike; matmul peaks
-(the MFU denominators) are measured once at the start, in the same process.
+The CPU may be shared: the two arms alternate (ABAB) so load drift hits both alike; matmul peaks (the MFU
+denominators) are measured once at the start, in the same process.
 
     .venv/bin/python benchmarks/cpu_speed.py [--sft-examples 48] [--prompts 16] [--new-tokens 64] [--quick]
 
-Last line: JSON with sft_speedup, sample_speedup, score_speedup, sft_mfu_bf16, sample_tokens_per_s,
-score_max_abs_err, choice_agreement (and more: softmax_slice_speedup, head_tiles_speedup, ...).
+Last line: JSON with new_dtype, sft_speedup, sample_speedup, score_speedup, sft_mfu_bf16, sample_tokens_per_s,
+score_max_abs_err, choice_agreement (and more: softmax_slice_speedup, head_tiles_speedup, ...). With an fp32 new
+default the new arm's keys end in `_fp32_new` instead of `_bf16`, and its MFU is over the fp32 peak.
 """
 
 from __future__ import annotations
@@ -43,13 +47,20 @@ import torch
 
 from dalign.config import LoraConfig, ModelConfig, SFTConfig
 from dalign.models import cpu, load_model, load_pair, prompt_ids
+from dalign.models.loading import pick_dtype
 from dalign.sample.sampler import derive_seed, sample_batch
 from dalign.score import engine
 from dalign.score.engine import ScoreEngine, ScoreRow
 from dalign.teach.corpus import load_corpus
 
 SPEC = "packaged:smollm2-135m-instruct"
-DTYPES = ("float32", "bfloat16")
+ARMS = ("float32", "new")  # yesterday's path (fp32) and the new default
+# the new default's dtype: what `model.dtype: auto` resolves to here (main() may override it with --new-dtype)
+NEW_DTYPE = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+
+
+def dtype_of(arm: str) -> str:
+    return "float32" if arm == "float32" else NEW_DTYPE
 
 
 def sft_runs(rows: list[dict], n_examples: int, rounds: int, out: Path) -> dict:
@@ -69,18 +80,18 @@ def sft_runs(rows: list[dict], n_examples: int, rounds: int, out: Path) -> dict:
     )
     arms = {
         "float32": (SFTConfig(**base, group_by_length=False), False),
-        "bfloat16": (SFTConfig(**base), True),  # the defaults: group_by_length, fast kernels
+        "new": (SFTConfig(**base), True),  # the defaults: group_by_length, fast kernels
     }
-    res = {d: {"tokens": 0.0, "seconds": 0.0} for d in DTYPES}
+    res = {d: {"tokens": 0.0, "seconds": 0.0} for d in ARMS}
     for r in range(rounds):
-        for d in DTYPES:  # ABAB
+        for d in ARMS:  # ABAB
             cfg, fast = arms[d]
             card = train_sft(
                 SPEC,
                 rows,
                 out / f"sft-{d}-{r}",
                 cfg,
-                ModelConfig(student=SPEC, dtype=d),
+                ModelConfig(student=SPEC, dtype=dtype_of(d)),
                 progress=False,
                 fast_kernels=fast,
             )
@@ -100,10 +111,10 @@ def sft_runs(rows: list[dict], n_examples: int, rounds: int, out: Path) -> dict:
 def sample_runs(models: dict, tok, ids: list[list[int]], new_tokens: int, batches: dict) -> dict:
     """Every (prompt, candidate) through both models; ABAB by groups of the larger batch so load drift hits both."""
     work = [(i, c) for i in range(len(ids)) for c in range(8)]
-    out = {d: {"gens": [], "seconds": 0.0, "tokens": 0} for d in DTYPES}
+    out = {d: {"gens": [], "seconds": 0.0, "tokens": 0} for d in ARMS}
     group = max(batches.values())
     for g in range(0, len(work), group):
-        for d in DTYPES:
+        for d in ARMS:
             for s in range(g, min(g + group, len(work)), batches[d]):
                 chunk = work[s : min(s + batches[d], g + group)]
                 seeds = [derive_seed(0, "cpu_speed", i, c) for i, c in chunk]
@@ -134,17 +145,17 @@ def make_adapter(dest: Path) -> None:
 
 
 def score_runs(adapter: Path, rows: list[ScoreRow], parts: int) -> dict:
-    pairs = {d: load_pair(ModelConfig(student=SPEC, dtype=d, device="cpu"), adapter) for d in DTYPES}
+    pairs = {d: load_pair(ModelConfig(student=SPEC, dtype=dtype_of(d), device="cpu"), adapter) for d in ARMS}
     engines = {
-        d: ScoreEngine(pairs[d], ["latent_similarity", "kl"], "all", 16, share_prompt=True) for d in DTYPES
+        d: ScoreEngine(pairs[d], ["latent_similarity", "kl"], "all", 16, share_prompt=True) for d in ARMS
     }
     # yesterday's path took the log-softmax over whole LM-head chunks; the new default in cache-sized slices
-    slices = {"float32": engine.LOGIT_CHUNK, "bfloat16": engine.SOFTMAX_ROWS}
+    slices = {"float32": engine.LOGIT_CHUNK, "new": engine.SOFTMAX_ROWS}
     chunks = np.array_split(np.arange(len(rows)), parts)  # whole prompts stay together: rows are grouped
-    got = {d: {} for d in DTYPES}
-    secs = dict.fromkeys(DTYPES, 0.0)
+    got = {d: {} for d in ARMS}
+    secs = dict.fromkeys(ARMS, 0.0)
     for k, idx in enumerate(chunks):
-        for d in DTYPES:  # ABAB
+        for d in ARMS:  # ABAB
             t = time.perf_counter()
             with mock.patch.object(engine, "SOFTMAX_ROWS", slices[d]):
                 vals = engines[d].score([rows[i] for i in idx])
@@ -157,13 +168,14 @@ def score_runs(adapter: Path, rows: list[ScoreRow], parts: int) -> dict:
 
 
 def component_runs(adapter: Path, rows: list[ScoreRow], rounds: int = 3) -> dict:
-    """Two CPU kernels alone, ABAB, against the stock settings: the scorer's log-softmax slices (KL only, bf16,
-    `rows`) and TRL's fused LM head in `head_tiles` tiles (forward + backward on 1,100 positions, bf16 autocast)."""
+    """Two CPU kernels alone, ABAB, against the stock settings, in the new default's dtype: the scorer's
+    log-softmax slices (KL only, `rows`) and TRL's fused LM head in `head_tiles` tiles (forward + backward on 1,100
+    positions, under autocast when that dtype is bf16)."""
     from trl.kernels import ChunkedLogProbFunction
 
     from dalign.train.cpu import head_tiles
 
-    pair = load_pair(ModelConfig(student=SPEC, dtype="bfloat16", device="cpu"), adapter)
+    pair = load_pair(ModelConfig(student=SPEC, dtype=NEW_DTYPE, device="cpu"), adapter)
     eng = ScoreEngine(pair, ["kl"], share_prompt=True)
     head = pair.model.get_output_embeddings().weight.detach()
     g = torch.Generator().manual_seed(0)
@@ -174,7 +186,7 @@ def component_runs(adapter: Path, rows: list[ScoreRow], rounds: int = 3) -> dict
         import trl.trainer.utils as tu
 
         h = hidden.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=NEW_DTYPE == "bfloat16"):
             lp = ChunkedLogProbFunction.apply(
                 h,
                 head,
@@ -216,13 +228,14 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def agreement(values: dict, groups: np.ndarray) -> tuple[float, int]:
-    """Share of (prompt, selector) choices that bf16 and fp32 make alike; selectors: argmin per layer, argmax KL."""
+    """Share of (prompt, selector) choices that the new default and fp32 make alike; selectors: argmin per layer,
+    argmax KL."""
     same = total = 0
     for col in values["float32"]:
         pick = np.argmax if col[0] == "kl" else np.argmin
         for g in np.unique(groups):
             m = groups == g
-            same += int(pick(values["float32"][col][m]) == pick(values["bfloat16"][col][m]))
+            same += int(pick(values["float32"][col][m]) == pick(values["new"][col][m]))
             total += 1
     return same / total, total
 
@@ -246,11 +259,22 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=128, help="the new default's sampling batch")
     ap.add_argument("--quick", action="store_true", help="a smoke run (8 traces, 2 prompts, 8 tokens)")
+    ap.add_argument(
+        "--new-dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="the new default's dtype; auto = what `model.dtype: auto` picks here (bf16 only on AMX / AVX-512 BF16)",
+    )
     args = ap.parse_args()
+    global NEW_DTYPE
+    NEW_DTYPE = str(pick_dtype(args.new_dtype, torch.device("cpu"))).removeprefix("torch.")
+    # The new arm's keys keep their historical `_bf16` names when it is bf16; an fp32 new default (a CPU without
+    # fast bf16) gets `_fp32_new`, and its MFU is over the fp32 peak.
+    tag = "bf16" if NEW_DTYPE == "bfloat16" else "fp32_new"
     if args.quick:
         args.sft_examples, args.sft_rounds, args.prompts, args.new_tokens = 8, 1, 2, 8
     t_all = time.perf_counter()
-    print(f"cpu: {cpu.describe()}")
+    print(f"cpu: {cpu.describe()}; new default: {NEW_DTYPE}")
     peaks = cpu.matmul_peaks()
     print(f"matmul peaks (2048^2): fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
 
@@ -262,25 +286,26 @@ def main() -> None:
         tmp = Path(tmp)
         print("SFT")
         sft = sft_runs(rows, args.sft_examples, args.sft_rounds, tmp)
-        tps = {d: sft["res"][d]["tokens"] / sft["res"][d]["seconds"] for d in DTYPES}
-        sft_mfu = {d: tps[d] * sft["flops_per_token"] / 1e9 / peaks["bfloat16"] for d in DTYPES}
-        for d in DTYPES:
+        tps = {d: sft["res"][d]["tokens"] / sft["res"][d]["seconds"] for d in ARMS}
+        sft_mfu = tps["new"] * sft["flops_per_token"] / 1e9 / peaks[NEW_DTYPE]
+        for d in ARMS:
             print(f"  sft {d}: {tps[d]:.1f} tokens/s; {cpu.mfu(tps[d] * sft['flops_per_token'], 1.0, peaks)}")
         result.update(
-            sft_speedup=round(tps["bfloat16"] / tps["float32"], 3),
+            new_dtype=NEW_DTYPE,
+            sft_speedup=round(tps["new"] / tps["float32"], 3),
             sft_tokens_per_s_fp32=round(tps["float32"], 1),
-            sft_tokens_per_s_bf16=round(tps["bfloat16"], 1),
-            sft_mfu_bf16=round(sft_mfu["bfloat16"], 4),
+            **{f"sft_tokens_per_s_{tag}": round(tps["new"], 1), f"sft_mfu_{tag}": round(sft_mfu, 4)},
         )
-        print(f"  sft speed-up bf16/fp32: {result['sft_speedup']:.2f}x")
+        print(f"  sft speed-up new/fp32: {result['sft_speedup']:.2f}x")
 
         print("sampling")
         make_adapter(tmp / "adapter")
         pairs = {
-            d: load_pair(ModelConfig(student=SPEC, dtype=d, device="cpu"), tmp / "adapter") for d in DTYPES
+            d: load_pair(ModelConfig(student=SPEC, dtype=dtype_of(d), device="cpu"), tmp / "adapter")
+            for d in ARMS
         }
         # yesterday: the PEFT model as loaded; now: the adapter merged, as the sample stage does
-        models = {"float32": pairs["float32"].model, "bfloat16": pairs["bfloat16"].model.merge_and_unload()}
+        models = {"float32": pairs["float32"].model, "new": pairs["new"].model.merge_and_unload()}
         tok = pairs["float32"].tokenizer
         for m in models.values():  # same work for both: every candidate gets exactly --new-tokens
             m.generation_config.suppress_tokens = [tok.eos_token_id]
@@ -288,36 +313,36 @@ def main() -> None:
         ids = [prompt_ids(tok, p, think_prefix=True)[0] for p in prompts]
         for m in models.values():
             sample_batch(m, tok, ids[:2], [1, 2], max_new_tokens=2)  # warm-up
-        smp = sample_runs(models, tok, ids, args.new_tokens, {"float32": 32, "bfloat16": args.batch})
+        smp = sample_runs(models, tok, ids, args.new_tokens, {"float32": 32, "new": args.batch})
         # FLOPs of the model itself (the merged one): the unmerged LoRA's extra matmuls are not useful work
         flops = cpu.generation_flops(
-            models["bfloat16"],
+            models["new"],
             [len(ids[i]) for i, _, _ in smp["float32"]["gens"]],
             [args.new_tokens] * len(smp["float32"]["gens"]),
         )
-        s_tps = {d: smp[d]["tokens"] / smp[d]["seconds"] for d in DTYPES}
-        for d in DTYPES:
+        s_tps = {d: smp[d]["tokens"] / smp[d]["seconds"] for d in ARMS}
+        for d in ARMS:
             print(f"  sample {d}: {s_tps[d]:.1f} tokens/s; {cpu.mfu(flops, smp[d]['seconds'], peaks)}")
         same_text = np.mean(
-            [a[2] == b[2] for a, b in zip(smp["float32"]["gens"], smp["bfloat16"]["gens"], strict=True)]
+            [a[2] == b[2] for a, b in zip(smp["float32"]["gens"], smp["new"]["gens"], strict=True)]
         )
         result.update(
-            sample_speedup=round(s_tps["bfloat16"] / s_tps["float32"], 3),
-            sample_tokens_per_s=round(s_tps["bfloat16"], 1),
+            sample_speedup=round(s_tps["new"] / s_tps["float32"], 3),
+            sample_tokens_per_s=round(s_tps["new"], 1),
             sample_tokens_per_s_fp32=round(s_tps["float32"], 1),
-            sample_mfu_bf16=round(flops / smp["bfloat16"]["seconds"] / 1e9 / peaks["bfloat16"], 4),
+            **{f"sample_mfu_{tag}": round(flops / smp["new"]["seconds"] / 1e9 / peaks[NEW_DTYPE], 4)},
             sample_candidates=len(smp["float32"]["gens"]),
             sample_batch=args.batch,
             sample_same_text_share=round(float(same_text), 3),
         )
         print(
-            f"  sample speed-up bf16/fp32: {result['sample_speedup']:.2f}x (identical texts: {same_text:.0%})"
+            f"  sample speed-up new/fp32: {result['sample_speedup']:.2f}x (identical texts: {same_text:.0%})"
         )
         del models, pairs
 
         print("scoring")
         srows, groups = [], []
-        for d in DTYPES:
+        for d in ARMS:
             for i, c, toks in smp[d]["gens"]:
                 srows.append(ScoreRow(ids[i], toks, (d, i, c)))
                 groups.append(i)
@@ -325,29 +350,29 @@ def main() -> None:
         srows, groups = [srows[k] for k in order], np.asarray(groups)[order]
         sc = score_runs(tmp / "adapter", srows, parts=2)
         vals = sc["values"]
-        err = max(float(np.nanmax(np.abs(vals["bfloat16"][c] - vals["float32"][c]))) for c in vals["float32"])
-        rho = min(spearman(vals["bfloat16"][c], vals["float32"][c]) for c in vals["float32"])
+        err = max(float(np.nanmax(np.abs(vals["new"][c] - vals["float32"][c]))) for c in vals["float32"])
+        rho = min(spearman(vals["new"][c], vals["float32"][c]) for c in vals["float32"])
         agree, n_choices = agreement(vals, groups)
         sflops = score_flops(sc["model"], srows)
-        for d in DTYPES:
+        for d in ARMS:
             print(
                 f"  score {d}: {len(srows)} candidates in {sc['seconds'][d]:.1f} s; {cpu.mfu(sflops, sc['seconds'][d], peaks)}"
             )
         result.update(
-            score_speedup=round(sc["seconds"]["float32"] / sc["seconds"]["bfloat16"], 3),
+            score_speedup=round(sc["seconds"]["float32"] / sc["seconds"]["new"], 3),
             score_candidates=len(srows),
             score_max_abs_err=round(err, 6),
             score_min_spearman=round(rho, 4),
             choice_agreement=round(agree, 4),
             choices=n_choices,
-            score_mfu_bf16=round(sflops / sc["seconds"]["bfloat16"] / 1e9 / peaks["bfloat16"], 4),
+            **{f"score_mfu_{tag}": round(sflops / sc["seconds"]["new"] / 1e9 / peaks[NEW_DTYPE], 4)},
         )
         print(
-            f"  score speed-up bf16/fp32: {result['score_speedup']:.2f}x; max |bf16 - fp32| {err:.2e}; "
+            f"  score speed-up new/fp32: {result['score_speedup']:.2f}x; max |new - fp32| {err:.2e}; "
             f"min Spearman {rho:.4f}; identical choices {agree:.1%} of {n_choices}"
         )
 
-        print("components (bf16): scorer log-softmax slices, fused LM head tiles")
+        print(f"components ({NEW_DTYPE}): scorer log-softmax slices, fused LM head tiles")
         comp = component_runs(tmp / "adapter", srows[: len(srows) // 4])
         print(f"  {comp['seconds']} s per pass")
         result.update({k: v for k, v in comp.items() if k != "seconds"})

@@ -235,6 +235,16 @@ def test_forward_flops_match_torch_flop_counter(tiny_dir):
     assert cpu.matmul_peak(torch.float32, n=128, seconds=0.05) > 0
 
 
+def test_mfu_leaves_out_an_emulated_bf16_peak():
+    """Where bf16 is slower than fp32 (no AMX / AVX-512 BF16), a share of its 'peak' would read 10,000 %."""
+    assert (
+        cpu.mfu(5e10, 1.0, {"float32": 100.0, "bfloat16": 0.3})
+        == "50.0 GFLOP/s = 50.0 % of the fp32 peak (100)"
+    )
+    fast = cpu.mfu(5e10, 1.0, {"float32": 100.0, "bfloat16": 400.0})
+    assert fast == "50.0 GFLOP/s = 12.5 % of the bf16 peak (400), 50.0 % of the fp32 peak (100)"
+
+
 def test_head_tiles_project_only_labelled_positions_with_the_same_numbers(tiny_dir, monkeypatch):
     """On CPU, TRL's fused LM head under `head_tiles`: the kernel gets only the positions that have a label, in
     our tile sizes; loss, log-probs, entropy and gradients equal TRL's default path. Settings restored on exit."""
