@@ -125,10 +125,11 @@ def mfu(flops: float, seconds: float, peaks: dict[str, float]) -> str:
     """'X GFLOP/s = a % of the bf16 peak, b % of the fp32 peak' for a benchmark line; the bf16 share is left out
     where bf16 is slower than fp32 (emulated: not a peak anything would run at)."""
     rate = flops / max(seconds, 1e-12) / 1e9
-    shares = [(d, peaks[d]) for d in ("bfloat16", "float32") if d == "float32" or peaks[d] > peaks["float32"]]
+    names = {"bfloat16": "bf16", "float32": "fp32"}
+    if peaks["bfloat16"] <= peaks["float32"]:
+        names.pop("bfloat16")
     return f"{rate:.1f} GFLOP/s = " + ", ".join(
-        f"{100 * rate / peak:.1f} % of the {d.replace('bfloat', 'bf').replace('float', 'fp')} peak ({peak:.0f})"
-        for d, peak in shares
+        f"{100 * rate / peaks[d]:.1f} % of the {name} peak ({peaks[d]:.0f})" for d, name in names.items()
     )
 
 
