@@ -55,8 +55,8 @@ from dalign.teach.corpus import load_corpus
 
 SPEC = "packaged:smollm2-135m-instruct"
 ARMS = ("float32", "new")  # yesterday's path (fp32) and the new default
-# the new default's dtype: what `model.dtype: auto` resolves to here (main() may override it with --new-dtype)
-NEW_DTYPE = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+# the new arm's dtype; main() sets it from --new-dtype (default: what `model.dtype: auto` picks on this CPU)
+NEW_DTYPE = "float32"
 
 
 def dtype_of(arm: str) -> str:
