@@ -282,3 +282,29 @@ def test_head_tiles_project_only_labelled_positions_with_the_same_numbers(tiny_d
     for a, b in zip(stock, tiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert kernel.TOKEN_CHUNK_SIZE != HEAD_TOKENS and not tu._use_triton(torch.device("cpu"))
+
+
+def test_agreement_benchmark_counts_flips_regret_and_near_ties():
+    """benchmarks/score_agreement.py: picks follow each metric's direction, regret is the fp32 score the new pick
+    gives up over the prompt's range, a near tie is a runner-up within the column's error."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "score_agreement.py"
+    spec = importlib.util.spec_from_file_location("score_agreement", path)
+    sa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sa)
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    ls, kl = ("latent_similarity", 1), ("kl", None)
+    ref = {ls: np.array([0.9, 0.5, 0.51, 0.2, 0.8, 0.9]), kl: np.array([1.0, 3.0, 2.0, 5.0, 4.0, 0.0])}
+    new = {ls: np.array([0.9, 0.52, 0.51, 0.2, 0.8, 0.9]), kl: np.array([1.0, 2.0, 3.0, 5.0, 4.0, 0.0])}
+    picks = sa.compare(ref, new, groups)
+    err, out = picks[ls]
+    assert err == pytest.approx(0.02)
+    assert [s for s, _, _ in out] == [False, True]  # argmin: 0.50 -> 0.51
+    assert out[0][1] == pytest.approx(0.01 / 0.4) and out[1][1] == 0.0
+    assert [n for _, _, n in out] == [True, False]  # 0.51 - 0.50 < 0.02; 0.8 - 0.2 is not
+    err, out = picks[kl]
+    assert [s for s, _, _ in out] == [False, True]  # argmax: candidate 1 (3.0) -> 2
+    assert out[0][1] == pytest.approx(0.5) and [n for _, _, n in out] == [False, False]
+    assert sa.share(picks, [ls, kl]) == 0.5 and sa.share(picks, [kl]) == 0.5
