@@ -17,7 +17,8 @@ On an fp32 machine the comparison measures the new paths alone (kernels, batches
   over whole LM-head chunks. New default: cache-sized slices, and on bf16 an fp32 residual with linear inputs cast
   once. Accuracy of the new default vs fp32 on the same candidates: max |score difference|, Spearman rank
   correlation per column, and the share of identical choices (per prompt, per selector: every layer's argmin and
-  KL's argmax).
+  KL's argmax), with how many are near ties and the fp32 regret of the flips (`score_agreement.compare`, which
+  also runs on a finished run's own candidates and adapter).
 - Components, in the new default's dtype, each alone against its stock setting: the scorer's log-softmax in
   `SOFTMAX_ROWS`-row slices vs whole LM-head chunks (KL only, a quarter of the scored candidates), and TRL's fused
   LM head in `head_tiles` tiles vs TRL's (forward + backward, 1,100 positions).
@@ -44,6 +45,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from score_agreement import compare, share, ties_and_regret  # this folder: the script's own sys.path entry
 
 from dalign.config import LoraConfig, ModelConfig, SFTConfig
 from dalign.models import cpu, load_model, load_pair, prompt_ids
@@ -227,19 +229,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def agreement(values: dict, groups: np.ndarray) -> tuple[float, int]:
-    """Share of (prompt, selector) choices that the new default and fp32 make alike; selectors: argmin per layer,
-    argmax KL."""
-    same = total = 0
-    for col in values["float32"]:
-        pick = np.argmax if col[0] == "kl" else np.argmin
-        for g in np.unique(groups):
-            m = groups == g
-            same += int(pick(values["float32"][col][m]) == pick(values["new"][col][m]))
-            total += 1
-    return same / total, total
-
-
 def score_flops(model, rows: list[ScoreRow]) -> float:
     """Both sides (aligned, base): each distinct prompt once, then the responses on its KV cache; the LM head on
     response positions (KL)."""
@@ -352,7 +341,8 @@ def main() -> None:
         vals = sc["values"]
         err = max(float(np.nanmax(np.abs(vals["new"][c] - vals["float32"][c]))) for c in vals["float32"])
         rho = min(spearman(vals["new"][c], vals["float32"][c]) for c in vals["float32"])
-        agree, n_choices = agreement(vals, groups)
+        picks = compare(vals["float32"], vals["new"], groups)
+        agree, n_choices = share(picks, list(picks)), sum(len(p[1]) for p in picks.values())
         sflops = score_flops(sc["model"], srows)
         for d in ARMS:
             print(
@@ -365,11 +355,14 @@ def main() -> None:
             score_min_spearman=round(rho, 4),
             choice_agreement=round(agree, 4),
             choices=n_choices,
+            **ties_and_regret(picks),
             **{f"score_mfu_{tag}": round(sflops / sc["seconds"]["new"] / 1e9 / peaks[NEW_DTYPE], 4)},
         )
         print(
             f"  score speed-up new/fp32: {result['score_speedup']:.2f}x; max |new - fp32| {err:.2e}; "
-            f"min Spearman {rho:.4f}; identical choices {agree:.1%} of {n_choices}"
+            f"min Spearman {rho:.4f}; identical choices {agree:.1%} of {n_choices} "
+            f"(near ties {result['near_tie_share']:.0%} of choices, {result['flips_near_tie'] or 0:.0%} of flips; "
+            f"mean regret {result['regret_mean']:.3f})"
         )
 
         print(f"components ({NEW_DTYPE}): scorer log-softmax slices, fused LM head tiles")

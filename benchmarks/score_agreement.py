@@ -97,6 +97,18 @@ def share(picks: dict, cols) -> float:
     return float(np.mean(same))
 
 
+def ties_and_regret(picks: dict) -> dict:
+    """Over all choices of `compare`: share of near ties, share of the flips that are near ties, regret mean/p95."""
+    flips = [n for c in picks for s, _, n in picks[c][1] if not s]
+    regrets = np.array([r for c in picks for _, r, _ in picks[c][1]])
+    return {
+        "near_tie_share": round(float(np.mean([n for c in picks for _, _, n in picks[c][1]])), 4),
+        "flips_near_tie": round(float(np.mean(flips)), 4) if flips else None,
+        "regret_mean": round(float(regrets.mean()), 4),
+        "regret_p95": round(float(np.quantile(regrets, 0.95)), 4),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -128,18 +140,13 @@ def main() -> None:
     layer = SelectConfig().default_layer
     for c in cols:
         print(f"  {c[0]}@{c[1]}: bf16 identical {share(bf, [c]):.0%}, max |bf16 - fp32| {bf[c][0]:.1e}")
-    flips = [(r, n) for c in cols for s, r, n in bf[c][1] if not s]
-    regrets = np.array([r for c in cols for _, r, _ in bf[c][1]])
     result = {
         "choice_agreement": round(share(bf, cols), 4),
         "choice_agreement_default_layer": round(share(bf, [("latent_similarity", layer)]), 4),
         "choice_agreement_kl": round(share(bf, [c for c in cols if c[0] == "kl"]), 4),
         "choice_agreement_weights_only": round(share(picks["bf16_weights"], cols), 4),
-        "choices": len(regrets),
-        "near_tie_share": round(float(np.mean([n for c in cols for _, _, n in bf[c][1]])), 4),
-        "flips_near_tie": round(float(np.mean([n for _, n in flips])), 4) if flips else None,
-        "regret_mean": round(float(regrets.mean()), 4),
-        "regret_p95": round(float(np.quantile(regrets, 0.95)), 4),
+        "choices": sum(len(bf[c][1]) for c in cols),
+        **ties_and_regret(bf),
         "max_abs_err": round(max(bf[c][0] for c in cols), 6),
         "candidates": len(rows),
         "benchmark": args.benchmark,
