@@ -16,6 +16,7 @@ from servers import free_port
 
 SCRIPT = """
 import json
+import os
 import sys
 from pathlib import Path
 from dalign.config import ModelConfig, SFTConfig
@@ -32,6 +33,8 @@ cfg = SFTConfig(
     learning_rate=5e-3, effective_batch_size=batch, per_device_batch_size=2, max_steps=2, max_length=512,
 )
 card = train_sft(student, rows, dest, cfg, ModelConfig(student=student, think_prefix=False), progress=False)
+if os.environ.get("RANK", "0") != "0":  # one report: two ranks writing the same pipe can interleave characters
+    sys.exit(0)
 print("STEPS", card["hyperparameters"]["optimizer_steps"], "WORLD", card["hyperparameters"]["world_size"],
       "EXAMPLES", card["data"]["n_examples"])
 print("LOSS", json.dumps([x["loss"] for x in card["loss"]]))
