@@ -45,7 +45,7 @@ from unittest import mock
 
 import numpy as np
 import torch
-from score_agreement import compare, share, ties_and_regret  # this folder: the script's own sys.path entry
+from score_agreement import compare, summarise  # this folder: the script's own sys.path entry
 
 from dalign.config import LoraConfig, ModelConfig, SFTConfig
 from dalign.models import cpu, load_model, load_pair, prompt_ids
@@ -339,10 +339,8 @@ def main() -> None:
         srows, groups = [srows[k] for k in order], np.asarray(groups)[order]
         sc = score_runs(tmp / "adapter", srows, parts=2)
         vals = sc["values"]
-        err = max(float(np.nanmax(np.abs(vals["new"][c] - vals["float32"][c]))) for c in vals["float32"])
         rho = min(spearman(vals["new"][c], vals["float32"][c]) for c in vals["float32"])
-        picks = compare(vals["float32"], vals["new"], groups)
-        agree, n_choices = share(picks, list(picks)), sum(len(p[1]) for p in picks.values())
+        agree = summarise(compare(vals["float32"], vals["new"], groups))
         sflops = score_flops(sc["model"], srows)
         for d in ARMS:
             print(
@@ -351,16 +349,14 @@ def main() -> None:
         result.update(
             score_speedup=round(sc["seconds"]["float32"] / sc["seconds"]["new"], 3),
             score_candidates=len(srows),
-            score_max_abs_err=round(err, 6),
+            score_max_abs_err=agree.pop("max_abs_err"),
             score_min_spearman=round(rho, 4),
-            choice_agreement=round(agree, 4),
-            choices=n_choices,
-            **ties_and_regret(picks),
+            **agree,
             **{f"score_mfu_{tag}": round(sflops / sc["seconds"]["new"] / 1e9 / peaks[NEW_DTYPE], 4)},
         )
         print(
-            f"  score speed-up new/fp32: {result['score_speedup']:.2f}x; max |new - fp32| {err:.2e}; "
-            f"min Spearman {rho:.4f}; identical choices {agree:.1%} of {n_choices} "
+            f"  score speed-up new/fp32: {result['score_speedup']:.2f}x; max |new - fp32| {result['score_max_abs_err']:.2e}; "
+            f"min Spearman {rho:.4f}; identical choices {result['choice_agreement']:.1%} of {result['choices']} "
             f"(near ties {result['near_tie_share']:.0%} of choices, {result['flips_near_tie'] or 0:.0%} of flips; "
             f"mean regret {result['regret_mean']:.3f})"
         )

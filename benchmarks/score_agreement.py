@@ -74,14 +74,15 @@ def score(variant: str, student: str, adapter: Path, rows: list[ScoreRow], batch
 def compare(ref: dict, new: dict, groups: np.ndarray) -> dict:
     """Per column: identical picks, |new - ref| max, and per pick whether the fp32 gap is below that error."""
     picks = {}
+    masks = [groups == g for g in np.unique(groups)]
     for col in ref:
         way = direction(col[0])
+        sign = 1.0 if way == "argmin" else -1.0
         err = float(np.nanmax(np.abs(new[col] - ref[col])))
         out = []
-        for g in np.unique(groups):
-            a, b = ref[col][groups == g], new[col][groups == g]
+        for m in masks:
+            a, b = ref[col][m], new[col][m]
             i, j = pick(a, way), pick(b, way)
-            sign = 1.0 if way == "argmin" else -1.0
             spread = float(np.nanmax(a) - np.nanmin(a))
             lost = sign * (a[j] - a[i])  # fp32 score given up by the new pick (>= 0)
             # a near tie: the fp32 runner-up is within the column's bf16 error of the best
@@ -97,11 +98,15 @@ def share(picks: dict, cols) -> float:
     return float(np.mean(same))
 
 
-def ties_and_regret(picks: dict) -> dict:
-    """Over all choices of `compare`: share of near ties, share of the flips that are near ties, regret mean/p95."""
+def summarise(picks: dict) -> dict:
+    """Over all choices of `compare`: identical share and count, max |new - ref|, share of near ties, share of the
+    flips that are near ties, regret mean/p95."""
     flips = [n for c in picks for s, _, n in picks[c][1] if not s]
     regrets = np.array([r for c in picks for _, r, _ in picks[c][1]])
     return {
+        "choice_agreement": round(share(picks, list(picks)), 4),
+        "choices": len(regrets),
+        "max_abs_err": round(max(err for err, _ in picks.values()), 6),
         "near_tie_share": round(float(np.mean([n for c in picks for _, _, n in picks[c][1]])), 4),
         "flips_near_tie": round(float(np.mean(flips)), 4) if flips else None,
         "regret_mean": round(float(regrets.mean()), 4),
@@ -141,13 +146,10 @@ def main() -> None:
     for c in cols:
         print(f"  {c[0]}@{c[1]}: bf16 identical {share(bf, [c]):.0%}, max |bf16 - fp32| {bf[c][0]:.1e}")
     result = {
-        "choice_agreement": round(share(bf, cols), 4),
+        **summarise(bf),
         "choice_agreement_default_layer": round(share(bf, [("latent_similarity", layer)]), 4),
         "choice_agreement_kl": round(share(bf, [c for c in cols if c[0] == "kl"]), 4),
         "choice_agreement_weights_only": round(share(picks["bf16_weights"], cols), 4),
-        "choices": sum(len(bf[c][1]) for c in cols),
-        **ties_and_regret(bf),
-        "max_abs_err": round(max(bf[c][0] for c in cols), 6),
         "candidates": len(rows),
         "benchmark": args.benchmark,
         "adapter": str(adapter),

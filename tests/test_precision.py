@@ -308,6 +308,7 @@ def test_agreement_benchmark_counts_flips_regret_and_near_ties():
     assert [s for s, _, _ in out] == [False, True]  # argmax: candidate 1 (3.0) -> 2
     assert out[0][1] == pytest.approx(0.5) and [n for _, _, n in out] == [False, False]
     assert sa.share(picks, [ls, kl]) == 0.5 and sa.share(picks, [kl]) == 0.5
-    summary = sa.ties_and_regret(picks)  # 4 choices: near ties [T, F, F, F]; flips ls@0 (near) and kl@0 (not)
+    summary = sa.summarise(picks)  # 4 choices: near ties [T, F, F, F]; flips ls@0 (near) and kl@0 (not)
     assert summary["near_tie_share"] == 0.25 and summary["flips_near_tie"] == 0.5
     assert summary["regret_mean"] == pytest.approx(round((0.025 + 0.5) / 4, 4))
+    assert summary["choice_agreement"] == 0.5 and summary["choices"] == 4 and summary["max_abs_err"] == 1.0
