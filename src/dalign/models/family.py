@@ -44,6 +44,10 @@ class Family:
             raise ValueError(f"layer {layer} is out of range: valid layers are 1..{n} for this model")
         return self.final_norm() if layer == n else self.layers()[layer - 1]
 
+    def residual_writers(self) -> list[nn.Module]:
+        """The projections whose outputs are added onto the residual stream: attention out, MLP down."""
+        return [m for block in self.layers() for m in (block.self_attn.o_proj, block.mlp.down_proj)]
+
 
 for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"):
     FAMILIES.register(_t)(Family)

@@ -111,6 +111,7 @@ def _capture(
         # compares (near 1) to ~4e-3; fp32 keeps bf16 vs fp32 choices alike (benchmarks/cpu_speed.py).
         handles.append(fam.model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.float()))
         handles += _cast_matmul_inputs(fam, low)
+        handles += _fp32_lora_sums(fam)
     try:
         with torch.autocast(fam.model.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
             fam.decoder()(**inputs)
@@ -167,6 +168,22 @@ def _cast_matmul_inputs(fam, low: torch.dtype) -> list:
 
         handles.append(rotary.register_forward_hook(to_low))
     return handles
+
+
+def _fp32_lora_sums(fam) -> list:
+    """Hooks that upcast the frozen matmul's output in the LoRA wrappers of `Family.residual_writers`, so that
+    W x + B A x is summed in fp32 before it joins the fp32 residual stream.
+
+    The LoRA term is the whole difference between the aligned and the base pass; summed in bf16 it is rounded to
+    2^-9 of |W x|, a large share of the term itself. The base pass (adapter off) gets the same values as before.
+    """
+
+    def upcast(module, args, out):
+        return out.float() if isinstance(out, torch.Tensor) and out.dtype != torch.float32 else None
+
+    return [
+        m.base_layer.register_forward_hook(upcast) for m in fam.residual_writers() if hasattr(m, "base_layer")
+    ]
 
 
 def _lm_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
