@@ -53,16 +53,17 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_runs_it_fast(flags, tiny_dir):
     assert pick_dtype("float32", torch.device("cpu")) == torch.float32  # explicit dtypes are kept
 
 
+def _bf16_and_fp64_pairs(tiny_dir, adapter) -> tuple[ModelPair, ModelPair]:
+    """The tiny model + adapter as the scorer loads it in bf16, and as the fp64 reference."""
+    pair = load_pair(ModelConfig(student=f"hf:{tiny_dir}", device="cpu", dtype="bfloat16"), adapter)
+    ref = load_pair(ModelConfig(student=f"hf:{tiny_dir}", dtype="float32"), adapter).model.double()
+    return pair, ModelPair(model=ref, tokenizer=pair.tokenizer)
+
+
 def test_bf16_scores_stay_close_to_fp64_and_pick_the_same_candidates(tiny_dir, tiny_adapter_dir):
     """Latent similarity and KL in bf16 vs the unbatched fp64 reference: bounded error, same argmin choices."""
-    pair = load_pair(ModelConfig(student=f"hf:{tiny_dir}", device="cpu", dtype="bfloat16"), tiny_adapter_dir)
+    pair, ref = _bf16_and_fp64_pairs(tiny_dir, tiny_adapter_dir)
     assert next(pair.model.parameters()).dtype == torch.bfloat16
-    ref = ModelPair(
-        model=load_pair(
-            ModelConfig(student=f"hf:{tiny_dir}", dtype="float32"), tiny_adapter_dir
-        ).model.double(),
-        tokenizer=pair.tokenizer,
-    )
     g = torch.Generator().manual_seed(3)
     rows = []
     for i in range(12):
@@ -101,12 +102,7 @@ def test_bf16_scoring_sums_the_lora_term_of_residual_writers_in_fp32(tiny_dir, t
                 p.mul_(0.002)
     peft.save_pretrained(tmp_path)
     (tmp_path / "card.json").write_text(json.dumps({"base_model": f"hf:{tiny_dir}"}))
-    spec = ModelConfig(student=f"hf:{tiny_dir}", device="cpu", dtype="bfloat16")
-    pair = load_pair(spec, tmp_path)
-    ref = ModelPair(
-        model=load_pair(ModelConfig(student=f"hf:{tiny_dir}", dtype="float32"), tmp_path).model.double(),
-        tokenizer=pair.tokenizer,
-    )
+    pair, ref = _bf16_and_fp64_pairs(tiny_dir, tmp_path)
     g = torch.Generator().manual_seed(3)
     rows = [
         ScoreRow(p, torch.randint(4, 300, (10,), generator=g).tolist(), ("b", str(i), j))
