@@ -8,16 +8,19 @@ import json
 
 import pytest
 from servers import TransformersServer, free_port
+from tiny import build_tiny
 
 from dalign.config import JudgeConfig, TeachConfig
 from dalign.judge.rubric import RubricJudge
-from dalign.models.openai_client import Endpoint
+from dalign.models.openai_client import Endpoint, describe_error
 from dalign.teach.teachers import OpenAITeacher, TeacherError, TeachRequest, get_teacher
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir, tmp_path_factory):
-    with TransformersServer(tiny_dir, log=tmp_path_factory.mktemp("serve") / "server.log") as srv:
+def server(tmp_path_factory):
+    # A context that holds the rubric's ~850-token prompt: transformers serve >= 5.25 refuses longer prompts (400).
+    model = build_tiny(tmp_path_factory.mktemp("tiny-2k"), context=2048)
+    with TransformersServer(model, log=tmp_path_factory.mktemp("serve") / "server.log") as srv:
         yield srv
 
 
@@ -123,3 +126,20 @@ def test_openai_teacher_is_sampled_on_the_benchmark_prompts(server, monkeypatch,
     _, _, again = sample("b")
     assert list(again["response"]) == list(rows["response"])
     assert (rows.groupby("prompt_id")["response"].nunique() > 1).any()
+
+
+def test_status_error_names_the_servers_reason():
+    """A 400 whose reason is FastAPI's {"detail": ...} (transformers serve's form), not OpenAI's error object: the
+    SDK's message is only "Error code: 400", so the reason must come from the body."""
+    import httpx
+    import openai
+
+    url = "http://127.0.0.1:1/v1"
+    for body in (
+        {"detail": "The prompt has 846 tokens"},
+        {"error": {"message": "The prompt has 846 tokens"}},
+    ):
+        response = httpx.Response(400, json=body, request=httpx.Request("POST", f"{url}/chat/completions"))
+        err = openai.OpenAI(base_url=url, api_key="x")._make_status_error_from_response(response)
+        assert isinstance(err, openai.BadRequestError)
+        assert describe_error(err, url).count("The prompt has 846 tokens") == 1, describe_error(err, url)

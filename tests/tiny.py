@@ -53,7 +53,9 @@ def make_tokenizer(vocab_size: int = 300):
     return tok
 
 
-def make_model(arch: str, vocab_size: int, layers: int = 4, hidden: int = 32, seed: int = 0):
+def make_model(
+    arch: str, vocab_size: int, layers: int = 4, hidden: int = 32, seed: int = 0, context: int = 512
+):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -64,7 +66,7 @@ def make_model(arch: str, vocab_size: int, layers: int = 4, hidden: int = 32, se
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
@@ -77,10 +79,10 @@ def make_model(arch: str, vocab_size: int, layers: int = 4, hidden: int = 32, se
     raise ValueError(arch)
 
 
-def build_tiny(dest: Path, arch: str = "llama", layers: int = 4, seed: int = 0) -> Path:
+def build_tiny(dest: Path, arch: str = "llama", layers: int = 4, seed: int = 0, context: int = 512) -> Path:
     """Save a tiny model + tokenizer to `dest` and return it (load with spec f'hf:{dest}')."""
     tok = make_tokenizer()
-    model = make_model(arch, len(tok), layers=layers, seed=seed)
+    model = make_model(arch, len(tok), layers=layers, seed=seed, context=context)
     # Random init gives near-uniform logits; scale the LM head so sampling has structure and EOS occurs.
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)

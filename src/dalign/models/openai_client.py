@@ -55,5 +55,10 @@ def describe_error(e: Exception, url: str) -> str:
     if isinstance(e, openai.APIConnectionError):
         return f"cannot reach {url} ({e.__class__.__name__}); is the server up and the base URL right?"
     if isinstance(e, openai.APIStatusError):
-        return f"{url} answered HTTP {e.status_code}: {str(e.message)[:300]}"
+        # The SDK's message is only "Error code: N" when the server's reason is not in OpenAI's error format
+        # (e.g. FastAPI's {"detail": ...}, which transformers serve sends); the reason is in the body.
+        body = e.body if isinstance(e.body, dict) else {}
+        reason = body.get("message") or body.get("detail")
+        message = f"{e.message}: {reason}" if reason and str(reason) not in e.message else e.message
+        return f"{url} answered HTTP {e.status_code}: {str(message)[:300]}"
     return f"request to {url} failed: {e.__class__.__name__}: {e}"
