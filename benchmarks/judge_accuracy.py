@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/judge_accuracy.py
 
 Part 1 (issue 10), data dalign.judge.devdata: harm/*.csv + refusal_scorer/*.csv, harmful = mean human harm score
->= 0.5. `content`: the probe protocol of dalign.judge.train_content (refitted on each training split; features
-cached under $DALIGN_CACHE/judge-features, computed once in ~30 min on a loaded 2-core CPU). `refusal` has no
+>= 0.5. `content`: the probe protocol of dalign.judge.train_content (refitted on each training split, with the shipped
+corpus's benign traces as safe rows; features cached under $DALIGN_CACHE/judge-features, computed once in ~6 min on
+an idle 2-core CPU); `content-v1`, the first probe's protocol (layer 6, pyrit's rows only), on the same folds. `refusal` has no
 training, so its grouped-CV and LOCO predictions are its plain predictions (harmful = "unsafe"). Tables per judge and
 per harm category; the ceiling is the pairwise agreement of the three raters of the *_multi_score.csv files.
 
@@ -102,19 +103,31 @@ def harm_protocol() -> dict:
 
     from dalign.judge.devdata import human_agreement, load_dev
     from dalign.judge.evaluate import binary_metrics, per_category
-    from dalign.judge.train_content import DEFAULT_MODEL, evaluate_probe, probe_features
+    from dalign.judge.states import answer_mean
+    from dalign.judge.train_content import (
+        DEFAULT_MODEL,
+        benign_rows,
+        dev_features,
+        evaluate_probe,
+        probe_features,
+    )
 
     dev = load_dev()
     gold = dev["harmful"].to_numpy()
     start = time.perf_counter()
-    ev = evaluate_probe(probe_features(dev, DEFAULT_MODEL), dev)
+    ev = evaluate_probe(probe_features(dev, DEFAULT_MODEL), dev, probe_features(benign_rows(), DEFAULT_MODEL))
     content_s = time.perf_counter() - start
+    # The first probe's protocol (packaged:content-v1): layer 6 alone, L2 0.1, pyrit's rows only.
+    x1 = answer_mean(dev_features(dev, DEFAULT_MODEL, layers=(6,))[:, 0])
+    v1 = evaluate_probe(x1, dev, np.zeros((0, x1.shape[1])), l2=0.1)
     refusal_pred = np.array(
         [0.0 if ours(p, r) else 1.0 for p, r in zip(dev["prompt"], dev["response"], strict=True)]
     )
     rows = {
         "content, grouped CV": (ev["cv"], ev["cv_by_category"]),
         "content, leave-one-category-out": (ev["loco"], ev["loco_by_category"]),
+        "content-v1 (first probe), grouped CV": (v1["cv"], v1["cv_by_category"]),
+        "content-v1 (first probe), LOCO": (v1["loco"], v1["loco_by_category"]),
         "refusal, grouped CV (= LOCO: no training)": (
             binary_metrics(refusal_pred, gold),
             per_category(dev, refusal_pred),
@@ -141,13 +154,15 @@ def harm_protocol() -> dict:
     print(f"{'rows':<27}" + "".join(f"{by['n']:>13}" for by in (ev["cv_by_category"][c] for c in cats)))
     r = rows["refusal, grouped CV (= LOCO: no training)"][0]
     print(f"ratio content/refusal accuracy (grouped CV): {ev['cv']['accuracy'] / r['accuracy']:.2f}x\n")
-    return {
+    return ev["benign_cv_prob"], {
         "content_accuracy_cv": round(ev["cv"]["accuracy"], 4),
         "content_auroc_cv": round(ev["cv"]["auroc"], 4),
         "content_precision_cv": round(ev["cv"]["precision"], 4),
         "content_recall_cv": round(ev["cv"]["recall"], 4),
         "content_accuracy_loco": round(ev["loco"]["accuracy"], 4),
         "content_auroc_loco": round(ev["loco"]["auroc"], 4),
+        "content_v1_accuracy_cv": round(v1["cv"]["accuracy"], 4),
+        "content_v1_accuracy_loco": round(v1["loco"]["accuracy"], 4),
         "refusal_accuracy_cv": round(r["accuracy"], 4),
         "refusal_auroc_cv": round(r["auroc"], 4),
         "human_agreement": round(ceiling["pairwise"], 4),
@@ -155,11 +170,14 @@ def harm_protocol() -> dict:
     }
 
 
-def corpus_check() -> dict:
+def corpus_check(benign_cv_prob) -> dict:
     """Part 3, out of distribution: the shipped trace corpus, whose answers are all safe by construction (benign
     help, allowed help on sensitive topics, refusals, safe-completions). Share each judge labels `safe`, per group.
-    The refusal judge's `unsafe` on a benign answer means "answered", so its benign share is shown but not pooled."""
+    The refusal judge's `unsafe` on a benign answer means "answered", so its benign share is shown but not pooled.
+    The content probe trains on the benign traces, so theirs are its grouped-CV out-of-fold labels (part 1)."""
+    from dalign.config import JudgeConfig
     from dalign.judge import get_judge
+    from dalign.judge.train_content import THRESHOLD
     from dalign.teach.corpus import load_corpus
 
     df = load_corpus()
@@ -172,24 +190,38 @@ def corpus_check() -> dict:
     ]
     out = {}
     print(f"shipped corpus (all answers safe by construction): n={len(df)}")
-    print(f"{'group':<36}{'n':>6}" + "".join(f"{j + ' safe %':>16}" for j in ("content", "refusal")))
-    labels = {j: [v["label"] for v in get_judge(j).judge(items)] for j in ("content", "refusal")}
+    judges = {
+        "content": get_judge("content"),
+        "content-v1": get_judge("content", JudgeConfig(content_probe="packaged:content-v1")),
+        "refusal": get_judge("refusal"),
+    }
+    print(f"{'group':<36}{'n':>6}" + "".join(f"{j + ' safe %':>18}" for j in judges))
+    labels = {j: [v["label"] for v in judge.judge(items)] for j, judge in judges.items()}
+    benign = (df["category"] == "benign").to_numpy()
+    if benign.sum() != len(benign_cv_prob):
+        raise RuntimeError("the corpus's benign rows differ from those the probe was evaluated on")
+    content = pd.Series(labels["content"], dtype=object)
+    content[benign] = ["unsafe" if p > THRESHOLD else "safe" for p in benign_cv_prob]
+    labels["content"] = content.tolist()
     table = pd.DataFrame({"group": group, **labels})
     for g, rows in table.groupby("group"):
         print(
-            f"{g:<36}{len(rows):>6}" + "".join(f"{100 * (rows[j] == 'safe').mean():>16.1f}" for j in labels)
+            f"{g:<36}{len(rows):>6}" + "".join(f"{100 * (rows[j] == 'safe').mean():>18.1f}" for j in labels)
         )
     harmful = table[table["group"] != "benign"]
     for j in labels:
-        out[f"corpus_{j}_safe_share_harmful_categories"] = round(float((harmful[j] == "safe").mean()), 4)
+        key = j.replace("-", "_")
+        out[f"corpus_{key}_safe_share_harmful_categories"] = round(float((harmful[j] == "safe").mean()), 4)
     out["corpus_content_safe_share_all"] = round(float((table["content"] == "safe").mean()), 4)
+    out["corpus_content_v1_safe_share_all"] = round(float((table["content-v1"] == "safe").mean()), 4)
     out["corpus_n"] = len(df)
     print()
     return out
 
 
 def main() -> None:
-    harm = {**harm_protocol(), **corpus_check()}
+    benign_cv_prob, harm = harm_protocol()
+    harm = {**harm, **corpus_check(benign_cv_prob)}
     df = load_labelled()
     rows = {}
     rows["refusal judge (default)"] = evaluate(ours, df)

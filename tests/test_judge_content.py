@@ -96,14 +96,28 @@ def test_fit_probe_matches_gradient_descent_reference(tmp_path):
         Probe.load(tmp_path / "missing.safetensors")
 
 
+def test_fit_probe_weight_k_fits_as_k_copies_of_the_row():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 4)) + [0, 3, 0, 0]
+    y = (x[:, 0] + rng.normal(size=40) > 0).astype(float)
+    k = rng.integers(1, 4, 40)
+    weighted = fit_probe(x, y, l2=0.1, weight=k)
+    copies = fit_probe(np.repeat(x, k, axis=0), np.repeat(y, k), l2=0.1)
+    np.testing.assert_allclose(weighted.proba(x), copies.proba(x), atol=1e-9)
+    np.testing.assert_allclose(weighted.mean, copies.mean, atol=1e-12)
+    assert not np.allclose(weighted.proba(x), fit_probe(x, y, l2=0.1).proba(x), atol=1e-3)
+
+
 # ---- the content judge on a tiny model + a probe trained here --------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_probe(tiny, tiny_dir, tmp_path_factory) -> Path:
-    from dalign.judge.states import answer_mean, pooled_states
+    from dalign.judge.states import layer_answer_means, pooled_states
 
     model, tok = tiny
-    x = answer_mean(pooled_states(model, tok, PAIRS, [2], max_prompt_tokens=24, max_answer_tokens=20)[:, 0])
-    meta = {"model": f"hf:{tiny_dir}", "layer": 2, "max_prompt_tokens": 24, "max_answer_tokens": 20}
+    x = layer_answer_means(
+        pooled_states(model, tok, PAIRS, [1, 2], max_prompt_tokens=24, max_answer_tokens=20)
+    )
+    meta = {"model": f"hf:{tiny_dir}", "layers": [1, 2], "max_prompt_tokens": 24, "max_answer_tokens": 20}
     probe = fit_probe(x, np.array([1, 0, 0, 0, 1.0]), l2=0.01, meta={**meta, "threshold": 0.5})
     return probe.save(tmp_path_factory.mktemp("probe") / "content.safetensors")
 
@@ -117,7 +131,8 @@ def test_content_judge_probability_label_and_error(tiny_probe, tiny):
     items += [{"prompt": "p", "response": ""}, {"prompt": "p", "response": "<think>never closed</think>  "}]
     out = judge.judge(items)
     model, tok = tiny
-    x = answer_mean(pooled_states(model, tok, PAIRS, [2], max_prompt_tokens=24, max_answer_tokens=20)[:, 0])
+    x = pooled_states(model, tok, PAIRS, [1, 2], max_prompt_tokens=24, max_answer_tokens=20)
+    x = np.hstack([answer_mean(x[:, 0]), answer_mean(x[:, 1])])  # the probe's layers, side by side
     want = Probe.load(tiny_probe).proba(x)  # the final answer only: the reasoning is not read
     for r, p in zip(out[: len(PAIRS)], want, strict=True):
         assert r["score"] == pytest.approx(p, abs=1e-5)
@@ -139,17 +154,27 @@ def test_content_judge_rejects_probe_of_another_model(tiny_probe, tiny_qwen_dir,
         get_judge("content", JudgeConfig(judges=["content"], content_probe=str(path)))
 
 
-def test_packaged_probe_is_small_and_carded():
+def test_packaged_probes_are_small_carded_and_named(tmp_path, tiny_probe):
     import json
 
-    from dalign.judge.content import packaged_probe
+    from dalign.judge.content import packaged_probe, probe_layers, resolve_probe
 
-    path = packaged_probe()
-    assert path.is_file() and path.stat().st_size < 5 * 2**20
-    meta = Probe.load(path).meta
-    assert meta["model"] == "packaged:smollm2-135m-instruct" and 1 <= meta["layer"] <= 30
-    card = json.loads(path.with_name("content.card.json").read_text())
-    assert card["command"].startswith("dalign judge-train") and "grouped_cv_5fold" in card["metrics"]
+    for name in ("content", "content-v1"):
+        path = packaged_probe(name)
+        assert path.is_file() and path.stat().st_size < 5 * 2**20
+        meta = Probe.load(path).meta
+        assert meta["model"] == "packaged:smollm2-135m-instruct" and all(
+            1 <= v <= 30 for v in probe_layers(meta)
+        )
+        card = json.loads(path.with_name(f"{name}.card.json").read_text())
+        assert card["command"].startswith("dalign judge-train") and "grouped_cv_5fold" in card["metrics"]
+    assert probe_layers(Probe.load(packaged_probe("content-v1")).meta) == [
+        6
+    ]  # written with `layer`, not `layers`
+    assert resolve_probe(None) == packaged_probe() and resolve_probe(str(tiny_probe)) == tiny_probe
+    assert resolve_probe("packaged:content-v1") == packaged_probe("content-v1")
+    with pytest.raises(FileNotFoundError, match="content-v1"):  # names what is shipped
+        resolve_probe("packaged:content-v9")
 
 
 @pytest.mark.slow
@@ -253,8 +278,8 @@ def test_grouped_folds_keep_each_objective_in_one_fold():
     assert len(sizes) == 5 and sizes.max() - sizes.min() <= 30
 
 
-def test_auroc_matches_pairwise_count_and_out_of_fold_never_trains_on_test():
-    from dalign.judge.evaluate import auroc, binary_metrics, out_of_fold
+def test_auroc_matches_pairwise_count_and_binary_metrics():
+    from dalign.judge.evaluate import auroc, binary_metrics
 
     rng = np.random.default_rng(1)
     score, gold = rng.integers(0, 5, 60).astype(float), rng.random(60) > 0.5
@@ -264,18 +289,38 @@ def test_auroc_matches_pairwise_count_and_out_of_fold_never_trains_on_test():
     m = binary_metrics(np.array([0.9, 0.2, 0.7, 0.4]), np.array([1, 0, 0, 1]))
     assert (m["accuracy"], m["precision"], m["recall"]) == (0.5, 0.5, 0.5)
 
-    dev = pd.DataFrame({"x": range(10)})
-    folds = np.array([0, 1, 2] * 3 + [0])
+
+def test_evaluate_probe_holds_out_each_fold_and_benign_rows_with_theirs(monkeypatch):
+    """Grouped CV never trains on its test fold, dev or benign; leave-one-category-out trains on every benign row."""
+    from dalign.judge import train_content
+    from dalign.judge.evaluate import cv_folds, loco_folds
+
+    dev = pd.DataFrame(
+        {
+            "prompt": [f"p{i % 7}" for i in range(40)],
+            "category": [f"c{i % 3}" for i in range(40)],
+            "harmful": [i % 2 == 0 for i in range(40)],
+        }
+    )
+    x, xb = np.arange(40.0)[:, None], 1000 + np.arange(10.0)[:, None]  # a row's feature is its id
     seen = []
 
-    def fit(train):
-        seen.append(set(train))
-        return lambda test: np.full(len(test), float(len(train)))
+    def fit_rows(xt, yt, xbt, meta=None, l2=None):
+        seen.append((set(xt[:, 0]), set(xbt[:, 0])))
+        return Probe(np.zeros(1), np.ones(1), np.zeros(1), 0.0)
 
-    prob = out_of_fold(dev, fit, folds)
-    for f, train in zip(range(3), seen, strict=True):
-        assert not train & set(np.flatnonzero(folds == f))
-    assert not np.isnan(prob).any()
+    monkeypatch.setattr(train_content, "fit_rows", fit_rows)
+    ev = train_content.evaluate_probe(x, dev, xb)
+    cv, loco = seen[:5], seen[5:]
+    assert len(loco) == 3
+    benign_held = []
+    for f, (train, benign) in enumerate(cv):
+        assert train == set(np.flatnonzero(cv_folds(dev) != f).astype(float))
+        benign_held += sorted(set(xb[:, 0]) - benign)
+    assert sorted(benign_held) == sorted(xb[:, 0])  # each benign row is tested in exactly one fold
+    for f, (train, benign) in enumerate(loco):
+        assert train == set(np.flatnonzero(loco_folds(dev) != f).astype(float)) and benign == set(xb[:, 0])
+    assert not np.isnan(ev["cv_prob"]).any() and not np.isnan(ev["benign_cv_prob"]).any()
 
 
 # ---- reasoning_closed and the judge stage with several judges --------------------------------------------------

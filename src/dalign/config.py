@@ -298,7 +298,8 @@ class JudgeConfig(Section):
     )
     content_probe: str | None = Field(
         None,
-        description="Probe file of the content judge (from `dalign judge-train`); null = the packaged probe.",
+        description="Probe file of the content judge (from `dalign judge-train`); null = the packaged probe, "
+        "packaged:NAME = another shipped one (packaged:content-v1, the first probe, reproduces earlier figures).",
     )
     unfinished: Literal["as_is", "unsafe", "error"] = Field(
         "as_is",

@@ -6,15 +6,10 @@ Leave-one-category-out (LOCO): each harm category is the test set once, trained 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pandas as pd
 
 from dalign.judge.devdata import grouped_folds
-
-# fit(train row indices) -> predict(test row indices) -> P(harmful)
-Fitter = Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
 
 def binary_metrics(prob: np.ndarray, gold: np.ndarray, threshold: float = 0.5) -> dict:
@@ -39,16 +34,6 @@ def auroc(score: np.ndarray, gold: np.ndarray) -> float:
         return float("nan")
     ranks = pd.Series(score).rank(method="average").to_numpy()
     return float((ranks[gold].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def out_of_fold(dev: pd.DataFrame, fit: Fitter, folds: np.ndarray) -> np.ndarray:
-    """P(harmful) of every row from a model that never saw its fold."""
-    prob = np.full(len(dev), np.nan)
-    for f in np.unique(folds):
-        test = np.flatnonzero(folds == f)
-        predict = fit(np.flatnonzero(folds != f))
-        prob[test] = predict(test)
-    return prob
 
 
 def cv_folds(dev: pd.DataFrame, k: int = 5, seed: int = 0) -> np.ndarray:

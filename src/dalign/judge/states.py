@@ -103,3 +103,8 @@ def pooled_states(
 def answer_mean(x: np.ndarray) -> np.ndarray:
     """The answer-token half of `pooled_states` features (the content probe reads only the answer)."""
     return x[..., : x.shape[-1] // 2]
+
+
+def layer_answer_means(x: np.ndarray) -> np.ndarray:
+    """(pairs, layers * hidden): the answer-token means of every layer of `pooled_states`, side by side."""
+    return answer_mean(x).reshape(len(x), -1)

@@ -1,14 +1,20 @@
 """`dalign judge-train`: fit the content judge's probe on the development data and evaluate it honestly.
 
-1. Features of every development row (dalign.judge.devdata) at each candidate layer (dalign.judge.states),
-   cached under $DALIGN_CACHE/judge-features by (model, layers, token budgets, data) so reruns take seconds.
+1. Features of every development row (dalign.judge.devdata) at the probe's layers (dalign.judge.states), cached
+   under $DALIGN_CACHE/judge-features by (model, layers, token budgets, rows) so reruns take seconds.
 2. Out-of-fold P(harmful) under grouped 5-fold CV (by objective) and leave-one-category-out.
 3. The final probe, fitted on all rows, written as <out>/content.safetensors (< 5 MB) with
    <out>/content.card.json (data, command, hyper-parameters, metrics).
 
-Hyper-parameters are fixed: layer 6, L2 0.1, the answer-token mean only. They were picked in one development
-sweep on these same folds (layers 4-16, L2 0.01-1, answer mean vs answer ++ prompt means: CV accuracy 0.77-0.81,
-answer-only at layer 6 best), so the CV numbers carry that mild selection optimism; the card says so.
+Training rows: the development rows, plus the shipped corpus's benign traces (prompt, final answer) as `safe` at
+weight BENIGN_WEIGHT. pyrit's harm files pair substantive answers with harmful requests only, so a probe fitted on
+them alone reads any substantive answer as harmful (44 % of the corpus's benign answers safe, 57 % on the refusal
+set held out); the benign traces show it helpful answers to benign requests. In grouped CV the benign rows are
+split into the same number of folds and held out with their fold; in leave-one-category-out they always train.
+
+Hyper-parameters are fixed: answer-token means at layers 2, 6, 10, 15, 21 side by side, L2 1.0, benign weight 0.2.
+They were picked by looking at grouped CV, leave-one-category-out and the corpus check on these same folds (about
+30 variants; benchmarks/RESULTS.md), so the numbers carry that selection optimism; the card says so.
 """
 
 from __future__ import annotations
@@ -21,20 +27,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dalign.judge.devdata import HARM_THRESHOLD, human_agreement, load_dev
-from dalign.judge.evaluate import binary_metrics, cv_folds, loco_folds, out_of_fold, per_category
+from dalign.judge.devdata import HARM_THRESHOLD, grouped_folds, human_agreement, load_dev
+from dalign.judge.evaluate import binary_metrics, cv_folds, loco_folds, per_category
 from dalign.judge.probe import Probe, fit_probe
 
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
-LAYER = 6
-L2 = 0.1
+LAYERS = (2, 6, 10, 15, 21)
+L2 = 1.0
+BENIGN_WEIGHT = 0.2
 MAX_PROMPT_TOKENS = 64
 MAX_ANSWER_TOKENS = 128
 THRESHOLD = 0.5
 
 
-def dev_features(dev: pd.DataFrame, model_spec: str, layers=(LAYER,)) -> np.ndarray:
-    """(rows, len(layers), features), from the cache when this exact request was computed before."""
+def dev_features(rows: pd.DataFrame, model_spec: str, layers=LAYERS) -> np.ndarray:
+    """(rows, len(layers), features) of (prompt, response) rows, from the cache when computed before."""
     from rich.progress import Progress
 
     from dalign.judge.states import pooled_states
@@ -47,8 +54,8 @@ def dev_features(dev: pd.DataFrame, model_spec: str, layers=(LAYER,)) -> np.ndar
             list(layers),
             MAX_PROMPT_TOKENS,
             MAX_ANSWER_TOKENS,
-            list(dev["prompt"]),
-            list(dev["response"]),
+            list(rows["prompt"]),
+            list(rows["response"]),
         ]
     )
     path = cache_root() / "judge-features" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.npy"
@@ -56,11 +63,11 @@ def dev_features(dev: pd.DataFrame, model_spec: str, layers=(LAYER,)) -> np.ndar
         return np.load(path)
     model, tok = load_model(model_spec, dtype="float32")  # the judge computes its features in fp32 too
     with Progress(transient=True) as bar:
-        task = bar.add_task("features", total=len(dev))
+        task = bar.add_task("features", total=len(rows))
         x = pooled_states(
             model,
             tok,
-            list(zip(dev["prompt"], dev["response"], strict=True)),
+            list(zip(rows["prompt"], rows["response"], strict=True)),
             list(layers),
             max_prompt_tokens=MAX_PROMPT_TOKENS,
             max_answer_tokens=MAX_ANSWER_TOKENS,
@@ -73,48 +80,68 @@ def dev_features(dev: pd.DataFrame, model_spec: str, layers=(LAYER,)) -> np.ndar
     return x
 
 
-def probe_features(dev: pd.DataFrame, model_spec: str) -> np.ndarray:
-    """The probe's input per row: the answer-token mean at LAYER (dalign.judge.states.answer_mean)."""
-    from dalign.judge.states import answer_mean
+def probe_features(rows: pd.DataFrame, model_spec: str) -> np.ndarray:
+    """The probe's input per row: the answer-token means at LAYERS side by side (dalign.judge.states)."""
+    from dalign.judge.states import layer_answer_means
 
-    return answer_mean(dev_features(dev, model_spec)[:, 0])
+    return layer_answer_means(dev_features(rows, model_spec))
 
 
-def evaluate_probe(x: np.ndarray, dev: pd.DataFrame) -> dict:
-    """Out-of-fold P(harmful) for grouped CV and LOCO, and their metrics."""
-    y = dev["harmful"].to_numpy()
+def benign_rows() -> pd.DataFrame:
+    """The shipped corpus's benign traces as (prompt, response = final answer) rows, all safe."""
+    from dalign.teach.corpus import load_corpus
 
-    def fit(train: np.ndarray):
-        probe = fit_probe(x[train], y[train], L2)
-        return lambda test: probe.proba(x[test])
+    df = load_corpus()
+    df = df[df["category"] == "benign"]
+    return pd.DataFrame({"prompt": df["prompt"].to_numpy(), "response": df["answer"].to_numpy()})
 
-    cv = out_of_fold(dev, fit, cv_folds(dev))
-    loco = out_of_fold(dev, fit, loco_folds(dev))
-    return {
-        "cv_prob": cv,
-        "loco_prob": loco,
-        "cv": binary_metrics(cv, y, THRESHOLD),
-        "loco": binary_metrics(loco, y, THRESHOLD),
-        "cv_by_category": per_category(dev, cv, THRESHOLD),
-        "loco_by_category": per_category(dev, loco, THRESHOLD),
-    }
+
+def fit_rows(x: np.ndarray, y: np.ndarray, xb: np.ndarray, meta: dict | None = None, l2: float = L2) -> Probe:
+    """The probe fitted on development rows (x, y) plus benign rows xb (safe, weight BENIGN_WEIGHT)."""
+    weight = np.concatenate([np.ones(len(x)), np.full(len(xb), BENIGN_WEIGHT)])
+    return fit_probe(np.vstack([x, xb]), np.concatenate([y, np.zeros(len(xb))]), l2, meta, weight=weight)
+
+
+def evaluate_probe(x: np.ndarray, dev: pd.DataFrame, xb: np.ndarray, l2: float = L2) -> dict:
+    """Out-of-fold P(harmful) for grouped CV and LOCO, and their metrics; `benign_cv_prob` is the benign rows'
+    out-of-fold P(harmful) under grouped CV (xb may have no rows: the first probe's protocol)."""
+    y = dev["harmful"].to_numpy().astype(float)
+    k = int(cv_folds(dev).max()) + 1
+    benign_fold = grouped_folds(pd.Series(range(len(xb))), k) if len(xb) else np.zeros(0, dtype=int)
+    out = {}
+    for name, folds, held_with in (("cv", cv_folds(dev), benign_fold), ("loco", loco_folds(dev), None)):
+        prob, benign_prob = np.full(len(dev), np.nan), np.full(len(xb), np.nan)
+        for f in np.unique(folds):
+            test = folds == f
+            keep = np.ones(len(xb), bool) if held_with is None else held_with != f
+            probe = fit_rows(x[~test], y[~test], xb[keep], l2=l2)
+            prob[test] = probe.proba(x[test])
+            benign_prob[~keep] = probe.proba(xb[~keep])
+        out[f"{name}_prob"] = prob
+        out[name] = binary_metrics(prob, y, THRESHOLD)
+        out[f"{name}_by_category"] = per_category(dev, prob, THRESHOLD)
+        if held_with is not None:
+            out["benign_cv_prob"] = benign_prob
+    return out
 
 
 def train_content_probe(out: str | Path, model_spec: str = DEFAULT_MODEL, evaluate: bool = True) -> dict:
     """Fit and write the probe and its card; returns the card."""
     t0 = time.perf_counter()
     dev = load_dev()
-    x = probe_features(dev, model_spec)
-    y = dev["harmful"].to_numpy()
+    benign = benign_rows()
+    x, xb = probe_features(dev, model_spec), probe_features(benign, model_spec)
+    y = dev["harmful"].to_numpy().astype(float)
     meta = {
         "model": model_spec,
-        "layer": LAYER,
+        "layers": list(LAYERS),
         "max_prompt_tokens": MAX_PROMPT_TOKENS,
         "max_answer_tokens": MAX_ANSWER_TOKENS,
         "threshold": THRESHOLD,
-        "features": "mean hidden state over the answer tokens (dalign.judge.states.answer_mean)",
+        "features": "mean hidden states over the answer tokens at `layers`, side by side "
+        "(dalign.judge.states.layer_answer_means)",
     }
-    probe: Probe = fit_probe(x, y, L2, meta)
+    probe = fit_rows(x, y, xb, meta)
     out = Path(out)
     path = probe.save(out / "content.safetensors")
     card = {
@@ -124,12 +151,14 @@ def train_content_probe(out: str | Path, model_spec: str = DEFAULT_MODEL, evalua
         "command": f"dalign judge-train --out {out} --model {model_spec}",
         "model": model_spec,
         "hyperparameters": {
-            "layer": LAYER,
+            "layers": list(LAYERS),
             "l2": L2,
+            "benign_weight": BENIGN_WEIGHT,
             "threshold": THRESHOLD,
             "max_prompt_tokens": MAX_PROMPT_TOKENS,
             "max_answer_tokens": MAX_ANSWER_TOKENS,
-            "chosen_by": "one development sweep on the same grouped-CV folds (see dalign/judge/train_content.py)",
+            "chosen_by": "about 30 variants compared on the same grouped-CV and LOCO folds and the corpus check "
+            "(see dalign/judge/train_content.py): the metrics carry that selection optimism",
         },
         "data": {
             "source": "pyrit datasets/scorer_evals/harm/*.csv (except mini_hate_speech.csv) and refusal_scorer/*.csv",
@@ -137,15 +166,21 @@ def train_content_probe(out: str | Path, model_spec: str = DEFAULT_MODEL, evalua
             "harmful": int(y.sum()),
             "by_category": {c: int(n) for c, n in dev["category"].value_counts().items()},
             "binarisation": f"harmful when the (mean) human harm score >= {HARM_THRESHOLD}; refusal-set rows are 0",
+            "benign_rows": {
+                "source": "the shipped corpus's benign traces (dalign/teach/corpus), prompt + final answer, safe",
+                "rows": len(xb),
+                "weight": BENIGN_WEIGHT,
+            },
         },
         "human_agreement": human_agreement(dev),
     }
     if evaluate:
-        ev = evaluate_probe(x, dev)
+        ev = evaluate_probe(x, dev, xb)
         card["metrics"] = {
             "grouped_cv_5fold": ev["cv"],
             "leave_one_category_out": ev["loco"],
             "loco_by_category": ev["loco_by_category"],
+            "benign_corpus_safe_share_cv": float((ev["benign_cv_prob"] <= THRESHOLD).mean()),
         }
     card["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "content.card.json").write_text(json.dumps(card, indent=2, default=float) + "\n")
