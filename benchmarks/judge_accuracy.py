@@ -4,11 +4,12 @@
     .venv/bin/python benchmarks/judge_accuracy.py
 
 Part 1 (issue 10), data dalign.judge.devdata: harm/*.csv + refusal_scorer/*.csv, harmful = mean human harm score
->= 0.5. `content`: the probe protocol of dalign.judge.train_content (refitted on each training split, with the shipped
-corpus's benign traces as safe rows; features cached under $DALIGN_CACHE/judge-features, computed once in ~6 min on
-an idle 2-core CPU); `content-v1`, the first probe's protocol (layer 6, pyrit's rows only), on the same folds. `refusal` has no
-training, so its grouped-CV and LOCO predictions are its plain predictions (harmful = "unsafe"). Tables per judge and
-per harm category; the ceiling is the pairwise agreement of the three raters of the *_multi_score.csv files.
+>= 0.5. `content`: the probe protocol of dalign.judge.train_content (refitted on each training split, with the
+shipped corpus's benign traces as safe rows; features cached under $DALIGN_CACHE/judge-features, computed once in
+~6 min on an idle 2-core CPU); `content-v1`, the first probe's protocol (layer 6, pyrit's rows only), on the same
+folds. `refusal` has no training, so its grouped-CV and LOCO predictions are its plain predictions (harmful =
+"unsafe"). Tables per judge and per harm category; the ceiling is the pairwise agreement of the three raters of the
+*_multi_score.csv files.
 
 Part 2 (the refusal judge's own task):
 

@@ -2,9 +2,9 @@
 
 A refusal detector calls every answer that does not refuse "unsafe"; this judge reads the content instead. A
 linear probe (logistic regression) on the packaged SmolLM2's hidden states, averaged over the answer tokens of
-the chat-formatted (prompt, final answer) pair at a few layers, gives P(harmful); label `unsafe` when P > threshold (the probe card's, or
-judge.thresholds["content"]). Features: dalign.judge.states; training and its honest evaluation:
-dalign.judge.train_content (`dalign judge-train`), measured in benchmarks/judge_accuracy.py.
+the chat-formatted (prompt, final answer) pair at a few layers, gives P(harmful); label `unsafe` when
+P > threshold (the probe card's, or judge.thresholds["content"]). Features: dalign.judge.states; training and its
+honest evaluation: dalign.judge.train_content (`dalign judge-train`), measured in benchmarks/judge_accuracy.py.
 
 Rules around the probe: only the final answer is read (text after the last `</think>`; reasoning that never
 closed is read without its `<think>` tag, as the refusal judge does), and an empty answer is `error`: there is
