@@ -102,6 +102,7 @@ def harm_protocol() -> dict:
     """Part 1: every registered embedded safety judge on the development data, grouped CV and LOCO."""
     import numpy as np
 
+    from dalign.judge.content import packaged_probe
     from dalign.judge.devdata import human_agreement, load_dev
     from dalign.judge.evaluate import binary_metrics, per_category
     from dalign.judge.states import answer_mean
@@ -118,9 +119,11 @@ def harm_protocol() -> dict:
     start = time.perf_counter()
     ev = evaluate_probe(probe_features(dev, DEFAULT_MODEL), dev, probe_features(benign_rows(), DEFAULT_MODEL))
     content_s = time.perf_counter() - start
-    # The first probe's protocol (packaged:content-v1): layer 6 alone, L2 0.1, pyrit's rows only.
-    x1 = answer_mean(dev_features(dev, DEFAULT_MODEL, layers=(6,))[:, 0])
-    v1 = evaluate_probe(x1, dev, np.zeros((0, x1.shape[1])), l2=0.1)
+    # The first probe's protocol (packaged:content-v1, its card's layer and L2), on pyrit's rows only.
+    v1_card = json.loads(packaged_probe("content-v1").with_name("content-v1.card.json").read_text())
+    hp = v1_card["hyperparameters"]
+    x1 = answer_mean(dev_features(dev, DEFAULT_MODEL, layers=(hp["layer"],))[:, 0])
+    v1 = evaluate_probe(x1, dev, np.zeros((0, x1.shape[1])), l2=hp["l2"])
     refusal_pred = np.array(
         [0.0 if ours(p, r) else 1.0 for p, r in zip(dev["prompt"], dev["response"], strict=True)]
     )
@@ -197,13 +200,17 @@ def corpus_check(benign_cv_prob) -> dict:
         "refusal": get_judge("refusal"),
     }
     print(f"{'group':<36}{'n':>6}" + "".join(f"{j + ' safe %':>18}" for j in judges))
-    labels = {j: [v["label"] for v in judge.judge(items)] for j, judge in judges.items()}
     benign = (df["category"] == "benign").to_numpy()
     if benign.sum() != len(benign_cv_prob):
         raise RuntimeError("the corpus's benign rows differ from those the probe was evaluated on")
-    content = pd.Series(labels["content"], dtype=object)
-    content[benign] = ["unsafe" if p > THRESHOLD else "safe" for p in benign_cv_prob]
-    labels["content"] = content.tolist()
+    # The content probe judges only the rows it did not train on; the benign ones get their out-of-fold labels.
+    judged = iter(
+        v["label"]
+        for v in judges["content"].judge([it for it, b in zip(items, benign, strict=True) if not b])
+    )
+    held_out = iter("unsafe" if p > THRESHOLD else "safe" for p in benign_cv_prob)
+    labels = {"content": [next(held_out) if b else next(judged) for b in benign]}
+    labels |= {j: [v["label"] for v in judge.judge(items)] for j, judge in judges.items() if j != "content"}
     table = pd.DataFrame({"group": group, **labels})
     for g, rows in table.groupby("group"):
         print(

@@ -106,10 +106,10 @@ def evaluate_probe(x: np.ndarray, dev: pd.DataFrame, xb: np.ndarray, l2: float =
     """Out-of-fold P(harmful) for grouped CV and LOCO, and their metrics; `benign_cv_prob` is the benign rows'
     out-of-fold P(harmful) under grouped CV (xb may have no rows: the first probe's protocol)."""
     y = dev["harmful"].to_numpy().astype(float)
-    k = int(cv_folds(dev).max()) + 1
-    benign_fold = grouped_folds(pd.Series(range(len(xb))), k) if len(xb) else np.zeros(0, dtype=int)
+    cv = cv_folds(dev)
+    benign_fold = grouped_folds(pd.Series(range(len(xb))), int(cv.max()) + 1) if len(xb) else np.zeros(0, int)
     out = {}
-    for name, folds, held_with in (("cv", cv_folds(dev), benign_fold), ("loco", loco_folds(dev), None)):
+    for name, folds, held_with in (("cv", cv, benign_fold), ("loco", loco_folds(dev), None)):
         prob, benign_prob = np.full(len(dev), np.nan), np.full(len(xb), np.nan)
         for f in np.unique(folds):
             test = folds == f
