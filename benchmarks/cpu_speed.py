@@ -9,8 +9,9 @@ On an fp32 machine the comparison measures the new paths alone (kernels, batches
   bf16 frozen base under bf16 autocast with fp32 LoRA master weights.
 - Sampling: `--prompts` corpus prompts x 8 candidates of the student with a random non-zero LoRA, exactly
   `--new-tokens` new tokens each (the stop token is suppressed, so both do the same work), dalign's sampler.
-  Baseline, yesterday's stage: fp32, the adapter applied at every step (PEFT), batches of 32. New default: the
-  adapter merged (`sample.merge_adapter`), batches of `--batch` (the stage's `sample.batch_size`, 128). The
+  Baseline, yesterday's stage: fp32, the adapter applied at every step (PEFT), batches of 32, every row running
+  its own prefill. New default: the adapter merged (`sample.merge_adapter`), batches of `--batch` (the stage's
+  `sample.batch_size`, 128), a prompt's prefill run once for its 8 candidates (`sample.share_prompt`). The
   decode loop itself (reserved KV cache, grouped compaction) is the same for both.
 - Scoring: the candidates of BOTH sampling runs (2 x prompts x 8, e.g. 256), latent similarity at every layer + KL,
   prefix sharing, with a random non-zero LoRA (aligned != base). Baseline, yesterday's path: fp32, the log-softmax
@@ -113,7 +114,7 @@ def sft_runs(rows: list[dict], n_examples: int, rounds: int, out: Path) -> dict:
 def sample_runs(models: dict, tok, ids: list[list[int]], new_tokens: int, batches: dict) -> dict:
     """Every (prompt, candidate) through both models; ABAB by groups of the larger batch so load drift hits both."""
     work = [(i, c) for i in range(len(ids)) for c in range(8)]
-    out = {d: {"gens": [], "seconds": 0.0, "tokens": 0} for d in ARMS}
+    out = {d: {"gens": [], "seconds": 0.0, "tokens": 0, "prefills": []} for d in ARMS}
     group = max(batches.values())
     for g in range(0, len(work), group):
         for d in ARMS:
@@ -122,11 +123,19 @@ def sample_runs(models: dict, tok, ids: list[list[int]], new_tokens: int, batche
                 seeds = [derive_seed(0, "cpu_speed", i, c) for i, c in chunk]
                 t = time.perf_counter()
                 gens = sample_batch(
-                    models[d], tok, [ids[i] for i, _ in chunk], seeds, max_new_tokens=new_tokens
+                    models[d],
+                    tok,
+                    [ids[i] for i, _ in chunk],
+                    seeds,
+                    max_new_tokens=new_tokens,
+                    share_prompt=d != "float32",
                 )
                 out[d]["seconds"] += time.perf_counter() - t
                 out[d]["tokens"] += sum(len(x.token_ids) for x in gens)
                 out[d]["gens"] += [(i, c, x.token_ids) for (i, c), x in zip(chunk, gens, strict=True)]
+                out[d]["prefills"] += (
+                    sorted({i for i, _ in chunk}) if d != "float32" else [i for i, _ in chunk]
+                )
             print(f"  sample {d}: {out[d]['tokens']} tokens so far, {out[d]['seconds']:.1f} s")
     return out
 
@@ -303,15 +312,19 @@ def main() -> None:
         for m in models.values():
             sample_batch(m, tok, ids[:2], [1, 2], max_new_tokens=2)  # warm-up
         smp = sample_runs(models, tok, ids, args.new_tokens, {"float32": 32, "new": args.batch})
-        # FLOPs of the model itself (the merged one): the unmerged LoRA's extra matmuls are not useful work
-        flops = cpu.generation_flops(
-            models["new"],
-            [len(ids[i]) for i, _, _ in smp["float32"]["gens"]],
-            [args.new_tokens] * len(smp["float32"]["gens"]),
-        )
+        # FLOPs of the model itself (the merged one): the unmerged LoRA's extra matmuls are not useful work. The
+        # new arm runs a prompt's prefill once per batch it appears in.
+        lens = [len(ids[i]) for i, _, _ in smp["float32"]["gens"]]
+        new_tokens = [args.new_tokens] * len(lens)
+        flops = {
+            "float32": cpu.generation_flops(models["new"], lens, new_tokens),
+            "new": cpu.generation_flops(
+                models["new"], lens, new_tokens, [len(ids[i]) for i in smp["new"]["prefills"]]
+            ),
+        }
         s_tps = {d: smp[d]["tokens"] / smp[d]["seconds"] for d in ARMS}
         for d in ARMS:
-            print(f"  sample {d}: {s_tps[d]:.1f} tokens/s; {cpu.mfu(flops, smp[d]['seconds'], peaks)}")
+            print(f"  sample {d}: {s_tps[d]:.1f} tokens/s; {cpu.mfu(flops[d], smp[d]['seconds'], peaks)}")
         same_text = np.mean(
             [a[2] == b[2] for a, b in zip(smp["float32"]["gens"], smp["new"]["gens"], strict=True)]
         )
@@ -319,7 +332,7 @@ def main() -> None:
             sample_speedup=round(s_tps["new"] / s_tps["float32"], 3),
             sample_tokens_per_s=round(s_tps["new"], 1),
             sample_tokens_per_s_fp32=round(s_tps["float32"], 1),
-            **{f"sample_mfu_{tag}": round(flops / smp["new"]["seconds"] / 1e9 / peaks[NEW_DTYPE], 4)},
+            **{f"sample_mfu_{tag}": round(flops["new"] / smp["new"]["seconds"] / 1e9 / peaks[NEW_DTYPE], 4)},
             sample_candidates=len(smp["float32"]["gens"]),
             sample_batch=args.batch,
             sample_same_text_share=round(float(same_text), 3),

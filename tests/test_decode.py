@@ -1,7 +1,7 @@
 """The sampler's own decode loop: a candidate that produced its stop token stops drawing, and finished rows leave
 the batch (their KV-cache rows are dropped) together once a quarter of it has finished, so later steps run on fewer
-rows; with capture a row finishes one step later, after its final token was fed. The KV cache it reserves gives
-the values of transformers' DynamicCache."""
+rows; with capture a row finishes one step later, after its final token was fed. Rows with the same prompt share
+its prefill. The KV cache it reserves gives the values of transformers' DynamicCache."""
 
 from __future__ import annotations
 
@@ -41,13 +41,14 @@ def test_finished_rows_leave_the_batch(tiny, capture):
         hook.remove()
     lengths = sorted(len(g.token_ids) for g in gens)
     assert any(g.finish_reason == "stop" for g in gens) and lengths[-1] == 30
-    # Call k (0 = prefill) must feed the rows still generating at step k (with capture: still to be fed); the
-    # batch shrinks to exactly those once they are at most COMPACT_AT of it.
+    # The prefill runs the 4 distinct prompts once. Call k >= 1 must feed the rows still generating at step k
+    # (with capture: still to be fed); the batch shrinks to exactly those once they are at most COMPACT_AT of it.
+    assert rows_per_call[0] == len(ids)
     fed_last = 0 if capture else 1  # without capture a row's final token is never fed back
-    live = [sum(1 for n in lengths if n - fed_last >= k) for k in range(len(rows_per_call))]
-    expected, batch = [], 32
-    for k, n_live in enumerate(live):
-        if k and n_live <= COMPACT_AT * batch:
+    live = [32] + [sum(1 for n in lengths if n - fed_last >= k) for k in range(1, len(rows_per_call))]
+    expected, batch = [len(ids)], 32
+    for n_live in live[1:]:
+        if n_live <= COMPACT_AT * batch:
             batch = n_live
         expected.append(batch)
     assert rows_per_call == expected
@@ -78,8 +79,33 @@ def test_per_row_budgets_end_rows_at_their_own_length(tiny, capture):
         sample_batch(model, tok, ids, [0, 1, 2, 3], max_new_tokens=[4, 4])
 
 
+@pytest.mark.parametrize("capture", [(), (2,)])
+def test_shared_prompt_prefill_gives_what_each_row_computes_alone(tiny, capture):
+    """Candidates of one prompt run its prefill once (rows of distinct prompts, in any order, and with the
+    repetition penalty reading each row's own ids): the texts and captured states of the unshared batch."""
+    model, tok, ids = tiny
+    prompts = [ids[1], ids[0], ids[1], ids[2], ids[1], ids[0], ids[3]]
+    kw = dict(temperature=1.0, repetition_penalty=1.3, max_new_tokens=16, capture_layers=capture)
+    rows_per_call: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows_per_call.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        shared = sample_batch(model, tok, prompts, list(range(7)), **kw)
+    finally:
+        hook.remove()
+    alone = sample_batch(model, tok, prompts, list(range(7)), share_prompt=False, **kw)
+    assert rows_per_call[:2] == [4, 7]  # the prefill ran 4 distinct prompts, the first step all 7 rows
+    assert [g.token_ids for g in shared] == [g.token_ids for g in alone]
+    assert len({tuple(g.token_ids) for g in shared}) > 4  # the seeds, not the shared prompt, decide the text
+    for a, b in zip(shared, alone, strict=True):
+        for layer in capture:
+            assert abs(a.hidden[layer] - b.hidden[layer]).max() <= 1e-5
+
+
 def test_reserved_cache_gives_dynamic_cache_values(tiny):
-    """Prefill, steps past the reserved capacity (it grows), a batch compaction: logits as with DynamicCache."""
+    """Prefill, steps past the reserved capacity (it grows), a batch compaction that also repeats a row (as a
+    shared prompt's prefill is copied to its candidates): logits as with DynamicCache."""
     model, _, _ = tiny
     torch.manual_seed(0)
     ids = torch.randint(5, 250, (4, 6))
@@ -90,9 +116,9 @@ def test_reserved_cache_gives_dynamic_cache_values(tiny):
         cache, logits = out.past_key_values, [out.logits]
         for step in range(5):
             tok = ids[: cache.layers[0].keys.shape[0], step : step + 1]
-            if step == 3:  # rows 1 and 3 leave
-                cache.batch_select_indices(torch.tensor([0, 2]))
-                tok = tok[[0, 2]]
+            if step == 3:  # rows 1 and 3 leave, row 2 is repeated
+                cache.batch_select_indices(torch.tensor([0, 2, 2]))
+                tok = tok[[0, 2, 2]]
             out = model(input_ids=tok, past_key_values=cache, use_cache=True)
             logits.append(out.logits)
         results.append(logits)

@@ -264,6 +264,25 @@ def test_forward_flops_match_torch_flop_counter(tiny_dir):
     assert cpu.matmul_peak(torch.float32, n=128, seconds=0.05) > 0
 
 
+def test_generation_flops_count_a_shared_prefill_once(tiny_dir):
+    """The sampler's executed FLOPs (PyTorch's counter) with and without a shared prompt differ by what
+    generation_flops says one prefill costs."""
+    from dalign.sample.sampler import sample_batch
+
+    model, tok = load_model(f"hf:{tiny_dir}", dtype="float32", device="cpu")
+    model.generation_config.suppress_tokens = [tok.eos_token_id]  # every row generates exactly 5 tokens
+    ids = [list(range(10, 30))] * 3
+    counted = {}
+    for share in (True, False):
+        with FlopCounterMode(display=False) as fc:
+            sample_batch(model, tok, ids, [1, 2, 3], max_new_tokens=5, share_prompt=share)
+        counted[share] = fc.get_total_flops()
+    lens, new = [20] * 3, [5] * 3
+    saved = cpu.generation_flops(model, lens, new) - cpu.generation_flops(model, lens, new, prefill_lens=[20])
+    attention = cpu.forward_flops(model, 0, attended=2 * (20 * 21 // 2))  # the counter misses fused SDPA
+    assert counted[False] - counted[True] == pytest.approx(saved - attention, rel=1e-6)
+
+
 def test_mfu_leaves_out_an_emulated_bf16_peak():
     """Where bf16 is slower than fp32 (no AMX / AVX-512 BF16), a share of its 'peak' would read 10,000 %."""
     assert (

@@ -259,6 +259,20 @@ def test_batches_bound_rows_and_tokens():
     assert [len(b) for b in got] == [3, 2, 1, 1, 1]  # the 200-token prompt alone, though over the cap
 
 
+def test_batches_keep_a_prompts_candidates_together():
+    """A batch ends before a prompt's candidates, not among them (they share one prefill), unless that prompt's
+    candidates alone exceed the bounds."""
+    from dalign.sample.stage import batches
+
+    work = [
+        {"i": (p, c), "prompt_token_ids": [p] * 4, "max_new_tokens": 4} for p in range(5) for c in range(3)
+    ]
+    for rows, tokens, sizes in ((7, 10**6, [6, 6, 3]), (10**6, 8 * 8, [6, 6, 3]), (2, 10**6, [2, 1] * 5)):
+        got = batches(work, rows=rows, tokens=tokens)
+        assert [w["i"] for b in got for w in b] == [w["i"] for w in work]
+        assert [len(b) for b in got] == sizes
+
+
 def test_merged_adapter_samples_what_the_adapter_does(tmp_path, tiny_dir, tiny_adapter_dir):
     texts = {}
     for merge in (True, False):

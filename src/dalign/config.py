@@ -233,6 +233,11 @@ class SampleConfig(Section):
         description="Most tokens per generation batch, counted as rows x (longest prompt + largest budget): long "
         "prompts get fewer rows, so the KV cache stays bounded (65536 ~ 1.5 GB for SmolLM2-135M in bf16).",
     )
+    share_prompt: bool = Field(
+        True,
+        description="Run each prompt's prefill once for its N candidates and copy its KV cache to them (the "
+        "same texts up to float rounding; N times less prefill, which dominates for long jailbreak prompts).",
+    )
     merge_adapter: bool = Field(
         True,
         description="Sample from the student with its LoRA folded into the weights: the same model up to one "

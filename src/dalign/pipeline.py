@@ -27,6 +27,7 @@ SAMPLING = (
     "sample",
     "-sample.batch_size",
     "-sample.batch_tokens",
+    "-sample.share_prompt",
     "-sample.datasets",
     "-sample.n",
     "-sample.models",

@@ -109,16 +109,18 @@ def forward_flops(model: nn.Module, tokens: int, attended: int = 0, head_tokens:
     return 2.0 * body * tokens + attn + 2.0 * head * (tokens if head_tokens is None else head_tokens)
 
 
-def generation_flops(model: nn.Module, prompt_lens: list[int], new_tokens: list[int]) -> float:
+def generation_flops(
+    model: nn.Module, prompt_lens: list[int], new_tokens: list[int], prefill_lens: list[int] | None = None
+) -> float:
     """Prefill of each prompt (LM head at its last position: the first new token), then one decode step per
-    further new token, each attending to the prompt and the tokens before it. The last token is never fed back."""
+    further new token, each attending to the prompt and the tokens before it. The last token is never fed back.
+    `prefill_lens`: the prompts whose prefill actually ran, when rows share a prompt's (default: every row's)."""
+    pre = prompt_lens if prefill_lens is None else prefill_lens
     steps = [max(n - 1, 0) for n in new_tokens]
-    attended = sum(
-        p * (p + 1) // 2 + sum(p + i + 1 for i in range(k)) for p, k in zip(prompt_lens, steps, strict=True)
+    attended = sum(p * (p + 1) // 2 for p in pre) + sum(
+        sum(p + i + 1 for i in range(k)) for p, k in zip(prompt_lens, steps, strict=True)
     )
-    return forward_flops(
-        model, sum(prompt_lens) + sum(steps), attended, head_tokens=len(prompt_lens) + sum(steps)
-    )
+    return forward_flops(model, sum(pre) + sum(steps), attended, head_tokens=len(pre) + sum(steps))
 
 
 def mfu(flops: float, seconds: float, peaks: dict[str, float]) -> str:

@@ -47,9 +47,15 @@ class ReservedLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep (or repeat) the batch rows `indices`; only the filled positions are copied."""
         if self.is_initialized:
-            self._k, self._v = self._k[indices], self._v[indices]
+            self._k, self._v = (self._select(t, indices) for t in (self._k, self._v))
             self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def _select(self, t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        out = t.new_empty((len(indices), *t.shape[1:]))
+        out[:, :, : self.length] = t[:, :, : self.length].index_select(0, indices)
+        return out
 
     def reset(self) -> None:
         self.length = 0

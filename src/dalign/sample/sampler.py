@@ -7,7 +7,8 @@ different bucketing gives the same text. (One uniform per row and step, not one 
 Gumbel-max would need, keeps the cost at that of plain sampling.)
 
 The decode loop is our own rather than `generate`'s, for speed on CPU: the KV cache is reserved once and written
-in place (`kvcache.py`), the prompt's logits are computed at its last position only, and a row that produced its
+in place (`kvcache.py`), rows with the same prompt (a prompt's N candidates) run its prefill once and copy its KV
+cache out, the prompt's logits are computed at its last position only, and a row that produced its
 stop token stops drawing at once; finished rows leave the batch and the KV cache together once a quarter of the
 batch has finished (`COMPACT_AT`), so they cost little while the others run on. With capture a row finishes one
 step later, after its last token was fed. Per step it does what greedy `generate` does: repetition penalty (HF's
@@ -110,8 +111,12 @@ def sample_batch(
     repetition_penalty: float = 1.0,
     max_new_tokens: int | Sequence[int] = 256,
     capture_layers: tuple[int, ...] | list[int] = (),
+    share_prompt: bool = True,
 ) -> list[Generation]:
     """Generate one continuation per (prompt ids, seed). Prompts are left-padded into one batch.
+
+    `share_prompt`: rows with identical prompt ids run the prompt once and get copies of its KV cache and last
+    logits (the same values up to float rounding; N times less prefill for N candidates of a prompt).
 
     `max_new_tokens` may differ per row: a row leaves the batch at its own budget, and since every row draws
     from its own seeded stream, its tokens are the first `budget` of what a larger budget would give."""
@@ -149,11 +154,15 @@ def sample_batch(
     seen = ids  # every id each batch row has so far (the repetition penalty reads them)
     ckw = cache_kwarg(model)
     cache = reserved_cache(model, family_of(model).num_layers, ids.shape[1] + max(budgets) + 1)
+    keys = [tuple(p) for p in prompts]
+    distinct = list(dict.fromkeys(keys))
+    shared = share_prompt and len(distinct) < n
+    lead = [keys.index(k) for k in distinct] if shared else list(range(n))  # the rows that run the prefill
     try:
         out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=_positions(mask),
+            input_ids=ids[lead],
+            attention_mask=mask[lead],
+            position_ids=_positions(mask[lead]),
             use_cache=True,
             # The last position's logits only: all of them are [batch, length, vocab] (GBs for long prompts). As an
             # index tensor, not the int 1: the int slices a strided view, which bf16 CPU matmul copies the head for.
@@ -161,6 +170,11 @@ def sample_batch(
             **({ckw: cache} if cache is not None else {}),
         )
         cache, logits = generated_cache(out), out.logits[:, -1]
+        if shared:  # one cache row and logits row per candidate, copied from its prompt's
+            slot = {k: j for j, k in enumerate(distinct)}
+            group = torch.tensor([slot[k] for k in keys], device=device)
+            cache.batch_select_indices(group)
+            logits = logits[group]
         for step in range(max(budgets, default=0)):
             live = alive.nonzero().flatten()
             partial = len(live) < len(rows)

@@ -98,17 +98,29 @@ def drop_calibration_leaks(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, 
 
 def batches(work: list[dict], rows: int, tokens: int) -> list[list[dict]]:
     """Consecutive work items in batches of at most `rows` items and `tokens` padded tokens (rows x (longest
-    prompt + largest budget)); an item alone over `tokens` still gets a batch of its own."""
+    prompt + largest budget)); an item alone over `tokens` still gets a batch of its own. A batch ends before a
+    prompt's candidates rather than among them when it holds other prompts too, so each prompt's prefill runs
+    once (`sample.share_prompt`)."""
     out: list[list[dict]] = []
     batch: list[dict] = []
-    width = 0  # the batch's longest prompt + budget
+
+    def full(batch: list[dict], size: int) -> bool:
+        width = max((len(b["prompt_token_ids"]) + b["max_new_tokens"] for b in batch), default=0)
+        return bool(batch) and (len(batch) == rows or (len(batch) + 1) * max(width, size) > tokens)
+
     for w in work:
         size = len(w["prompt_token_ids"]) + w["max_new_tokens"]
-        if batch and (len(batch) == rows or (len(batch) + 1) * max(width, size) > tokens):
-            out.append(batch)
-            batch, width = [], 0
+        if full(batch, size):
+            cut = len(batch)
+            while cut and batch[cut - 1]["prompt_token_ids"] == w["prompt_token_ids"]:
+                cut -= 1
+            cut = cut or len(batch)  # one prompt's candidates alone over the bounds: split them
+            out.append(batch[:cut])
+            batch = batch[cut:]
+            if full(batch, size):
+                out.append(batch)
+                batch = []
         batch.append(w)
-        width = max(width, size)
     return out + ([batch] if batch else [])
 
 
@@ -203,6 +215,7 @@ class SampleWorker:
             repetition_penalty=sc.repetition_penalty,
             max_new_tokens=[int(b) for b in chunk["max_new_tokens"]],
             capture_layers=sc.capture_layers,
+            share_prompt=sc.share_prompt,
         )
         out = []
         for item, g in zip(chunk.itertuples(index=False), gens, strict=True):
