@@ -266,7 +266,7 @@ def test_forward_flops_match_torch_flop_counter(tiny_dir):
 
 def test_generation_flops_count_a_shared_prefill_once(tiny_dir):
     """The sampler's executed FLOPs (PyTorch's counter) with and without a shared prompt differ by what
-    generation_flops says one prefill costs."""
+    generation_flops says the two skipped prefills cost."""
     from dalign.sample.sampler import sample_batch
 
     model, tok = load_model(f"hf:{tiny_dir}", dtype="float32", device="cpu")
