@@ -121,6 +121,7 @@ def sample_runs(models: dict, tok, ids: list[list[int]], new_tokens: int, batche
             for s in range(g, min(g + group, len(work)), batches[d]):
                 chunk = work[s : min(s + batches[d], g + group)]
                 seeds = [derive_seed(0, "cpu_speed", i, c) for i, c in chunk]
+                share = d != "float32"  # yesterday's path ran every row's prefill
                 t = time.perf_counter()
                 gens = sample_batch(
                     models[d],
@@ -128,14 +129,12 @@ def sample_runs(models: dict, tok, ids: list[list[int]], new_tokens: int, batche
                     [ids[i] for i, _ in chunk],
                     seeds,
                     max_new_tokens=new_tokens,
-                    share_prompt=d != "float32",
+                    share_prompt=share,
                 )
                 out[d]["seconds"] += time.perf_counter() - t
                 out[d]["tokens"] += sum(len(x.token_ids) for x in gens)
                 out[d]["gens"] += [(i, c, x.token_ids) for (i, c), x in zip(chunk, gens, strict=True)]
-                out[d]["prefills"] += (
-                    sorted({i for i, _ in chunk}) if d != "float32" else [i for i, _ in chunk]
-                )
+                out[d]["prefills"] += sorted({i for i, _ in chunk}) if share else [i for i, _ in chunk]
             print(f"  sample {d}: {out[d]['tokens']} tokens so far, {out[d]['seconds']:.1f} s")
     return out
 

@@ -181,7 +181,6 @@ def corpus_check(benign_cv_prob) -> dict:
     The content probe trains on the benign traces, so theirs are its grouped-CV out-of-fold labels (part 1)."""
     from dalign.config import JudgeConfig
     from dalign.judge import get_judge
-    from dalign.judge.train_content import THRESHOLD
     from dalign.teach.corpus import load_corpus
 
     df = load_corpus()
@@ -208,7 +207,8 @@ def corpus_check(benign_cv_prob) -> dict:
         v["label"]
         for v in judges["content"].judge([it for it, b in zip(items, benign, strict=True) if not b])
     )
-    held_out = iter("unsafe" if p > THRESHOLD else "safe" for p in benign_cv_prob)
+    threshold = judges["content"].threshold  # the judge's own labelling rule, on the out-of-fold P
+    held_out = iter("unsafe" if p > threshold else "safe" for p in benign_cv_prob)
     labels = {"content": [next(held_out) if b else next(judged) for b in benign]}
     labels |= {j: [v["label"] for v in judge.judge(items)] for j, judge in judges.items() if j != "content"}
     table = pd.DataFrame({"group": group, **labels})

@@ -154,10 +154,11 @@ def sample_batch(
     seen = ids  # every id each batch row has so far (the repetition penalty reads them)
     ckw = cache_kwarg(model)
     cache = reserved_cache(model, family_of(model).num_layers, ids.shape[1] + max(budgets) + 1)
-    keys = [tuple(p) for p in prompts]
-    distinct = list(dict.fromkeys(keys))
-    shared = share_prompt and len(distinct) < n
-    lead = [keys.index(k) for k in distinct] if shared else list(range(n))  # the rows that run the prefill
+    slot: dict[tuple, int] = {}
+    group = [slot.setdefault(tuple(p), len(slot)) for p in prompts]  # each row's distinct prompt
+    shared = share_prompt and len(slot) < n
+    # the rows that run the prefill: each distinct prompt's first row
+    lead = [group.index(j) for j in range(len(slot))] if shared else list(range(n))
     try:
         out = model(
             input_ids=ids[lead],
@@ -171,10 +172,9 @@ def sample_batch(
         )
         cache, logits = generated_cache(out), out.logits[:, -1]
         if shared:  # one cache row and logits row per candidate, copied from its prompt's
-            slot = {k: j for j, k in enumerate(distinct)}
-            group = torch.tensor([slot[k] for k in keys], device=device)
-            cache.batch_select_indices(group)
-            logits = logits[group]
+            prompt_of = torch.tensor(group, device=device)
+            cache.batch_select_indices(prompt_of)
+            logits = logits[prompt_of]
         for step in range(max(budgets, default=0)):
             live = alive.nonzero().flatten()
             partial = len(live) < len(rows)
