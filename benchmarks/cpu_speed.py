@@ -22,7 +22,7 @@ On an fp32 machine the comparison measures the new paths alone (kernels, batches
   also runs on a finished run's own candidates and adapter).
 - Components, in the new default's dtype, each alone against its stock setting: the scorer's log-softmax in
   `SOFTMAX_ROWS`-row slices vs whole LM-head chunks (KL only, a quarter of the scored candidates), and TRL's fused
-  LM head in `head_tiles` tiles vs TRL's (forward + backward, 1,100 positions).
+  LM head under `head_tiles` (tiles, folds, backward) vs TRL's own (forward + backward, 1,100 positions).
 
 The CPU may be shared: the two arms alternate (ABAB) so load drift hits both alike; matmul peaks (the MFU
 denominators) are measured once at the start, in the same process.
@@ -189,7 +189,9 @@ def component_runs(adapter: Path, rows: list[ScoreRow], rounds: int = 3) -> dict
     eng = ScoreEngine(pair, ["kl"], share_prompt=True)
     head = pair.model.get_output_embeddings().weight.detach()
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1100, head.shape[1], generator=g)
+    hidden = torch.randn(1100, head.shape[1], generator=g).to(
+        head.dtype
+    )  # as the final norm hands it in training
     targets = torch.randint(0, head.shape[0], (1100,), generator=g)
 
     def head_pass() -> None:
@@ -206,7 +208,7 @@ def component_runs(adapter: Path, rows: list[ScoreRow], rounds: int = 3) -> dict
                 tu._CHUNKED_LOGPROB_CHUNK_SIZE,
                 None,
                 1.0,
-                ("log_probs", "entropy"),
+                ("log_probs", "entropy", "is_top1"),  # what SFTTrainer asks for
             )[0]
         lp.sum().backward()
 

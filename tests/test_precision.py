@@ -3,6 +3,8 @@ mixed-precision training with fp32 master weights, live training progress, and t
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -158,6 +160,9 @@ def test_mask_dropout_has_the_law_of_dropout():
     assert torch.equal(drop(x), y)  # seeded by torch's generator
     assert not torch.equal(drop(x), y)
     assert torch.equal(drop.eval()(x), x)
+    y16 = drop.train()(x.bfloat16())  # 16-bit floats: the mask is built from the scale's bit pattern
+    assert y16.dtype == torch.bfloat16 and abs((y16 != 0).float().mean().item() - 0.95) < 0.002
+    assert set(y16.unique().tolist()) == {0.0, torch.tensor(drop.scale, dtype=torch.bfloat16).item()}
     odd = torch.ones(3, 5, dtype=torch.bfloat16)  # numel not a multiple of 4
     assert MaskDropout(0.5).train()(odd).shape == odd.shape
 
@@ -330,6 +335,63 @@ def test_head_tiles_project_only_labelled_positions_with_the_same_numbers(tiny_d
     for a, b in zip(stock, tiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert kernel.TOKEN_CHUNK_SIZE != HEAD_TOKENS and not tu._use_triton(torch.device("cpu"))
+
+
+def test_head_tiles_kernels_match_trl_and_an_fp64_reference():
+    """`head_tiles`'s CPU folds and backward over several token and vocabulary tiles: in fp32 (with temperature,
+    a trained head and bias, argmax ties, and softcapping) every output and gradient equals TRL's; in bf16 the hidden-state
+    gradient is as close to an fp64 reference as TRL's own. TRL's functions are restored on exit."""
+    import trl.kernels.chunked_logprob as kernel
+    from trl.kernels import ChunkedLogProbFunction
+
+    from dalign.train.cpu import HEAD_TOKENS, HEAD_VOCAB, head_tiles
+
+    model = torch.nn.Linear(1, 1)  # head_tiles only asks where the model lives
+    stock_parts = (vars(ChunkedLogProbFunction)["backward"], kernel._forward_tile, kernel._backward_tile)
+    g = torch.Generator().manual_seed(0)
+    n, vocab, dim = HEAD_TOKENS * 2 + 37, HEAD_VOCAB * 2 + 300, 64
+    hidden = torch.randn(n, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) / 4
+    bias = torch.randn(vocab, generator=g)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    top = (hidden @ weight.t() + bias).argmax(-1)
+    targets[:100] = top[:100]  # top-1 targets, across tiles
+    assert top[1] > 0 and top[0] < vocab - 1
+    for tie, row in ((vocab - 1, 0), (0, 1)):  # a tie after one target (still top-1), before another (not)
+        weight[tie], bias[tie] = weight[top[row]], bias[top[row]]
+    outs = ("log_probs", "entropy", "is_top1")
+
+    def run(dtype, tiled, train_head=False, temperature=1.0, softcap=None):
+        h = hidden.to(dtype, copy=True).requires_grad_(True)
+        w = weight.to(dtype, copy=True).requires_grad_(train_head)
+        b = bias.to(dtype, copy=True).requires_grad_(train_head) if train_head else None
+        with head_tiles(model) if tiled else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                lp, ent, _, _, top1 = ChunkedLogProbFunction.apply(
+                    h, w, b, targets, temperature, HEAD_VOCAB, softcap, 1.0, outs
+                )
+            (lp.sum() + 0.3 * ent.sum()).backward()
+        return [lp, ent, top1] + [t.grad for t in (h, w, b) if t is not None and t.requires_grad]
+
+    stock, tiled = run(torch.float32, False, True, 0.7), run(torch.float32, True, True, 0.7)
+    assert 50 < stock[2].sum() < n and stock[2][0] and not stock[2][1] and torch.equal(stock[2], tiled[2])
+    capped = run(torch.float32, False, softcap=2.0), run(torch.float32, True, softcap=2.0)  # TRL's folds
+    for a, b in zip(
+        stock[:2] + stock[3:] + capped[0][:2], tiled[:2] + tiled[3:] + capped[1][:2], strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+
+    h64 = hidden.to(torch.bfloat16).double().requires_grad_(True)
+    logp = torch.log_softmax(h64 @ weight.to(torch.bfloat16).double().t(), -1)
+    ent = -(logp.exp() * logp).sum(-1)
+    (logp.gather(-1, targets[:, None]).sum() + 0.3 * ent.sum()).backward()
+    err = {t: (run(torch.bfloat16, t)[3].double() - h64.grad).abs().mean().item() for t in (False, True)}
+    assert err[True] <= 1.1 * err[False] and err[True] < 0.01 * h64.grad.abs().mean().item(), err
+    assert stock_parts == (
+        vars(ChunkedLogProbFunction)["backward"],
+        kernel._forward_tile,
+        kernel._backward_tile,
+    )
 
 
 def test_agreement_benchmark_counts_flips_regret_and_near_ties():
