@@ -92,6 +92,17 @@ def speed_up(model: torch.nn.Module, autocast: bool) -> None:
 HEAD_TOKENS, HEAD_VOCAB = 128, 4096
 
 
+def _scaled_logits(tile: torch.Tensor, logit_scale: float, inv_t: float) -> torch.Tensor:
+    """A logits tile in fp32, times the head's logit scale and 1 / temperature. An fp32 tile is scaled in place:
+    both folds overwrite or drop it afterwards."""
+    z = tile.float()
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    return z
+
+
 def _forward_fold(tile, tile_stride, targets, running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum, max_before_target,
                   target_logit, vocab_start, n_cols, logit_scale, softcap, inv_t, HAS_SOFTCAP, HAS_ENTROPY,
                   HAS_LOG_SUM_SQ_PROBS, HAS_MEAN_LOGITS, HAS_IS_TOP1, BLOCK_SIZE, stock=None):  # fmt: skip
@@ -102,11 +113,7 @@ def _forward_fold(tile, tile_stride, targets, running_max, sum_exp, x_sum_exp, s
     outputs SFT does not ask for keep `stock`."""
     if HAS_SOFTCAP or HAS_LOG_SUM_SQ_PROBS or HAS_MEAN_LOGITS:
         return stock(**{k: v for k, v in locals().items() if k != "stock"})
-    z = tile.float()
-    if logit_scale != 1.0:
-        z.mul_(logit_scale)
-    if inv_t != 1.0:
-        z.mul_(inv_t)
+    z = _scaled_logits(tile, logit_scale, inv_t)
     local = targets - vocab_start
     tile_max, first = z.max(-1)  # ties: the first index, as argmax
     if HAS_IS_TOP1:
@@ -131,12 +138,7 @@ def _backward_fold(tile, tile_stride, targets, log_z, entropy, grad_logprobs, gr
     dz = p * (-g_lp - g_ent * (log p + H)), plus g_lp at the target; softcapping keeps `stock`."""
     if HAS_SOFTCAP:
         return stock(**{k: v for k, v in locals().items() if k != "stock"})
-    log_p = tile.float()
-    if logit_scale != 1.0:
-        log_p.mul_(logit_scale)
-    if inv_t != 1.0:
-        log_p.mul_(inv_t)
-    log_p.sub_(log_z.unsqueeze(-1))
+    log_p = _scaled_logits(tile, logit_scale, inv_t).sub_(log_z.unsqueeze(-1))
     p = torch.exp(log_p)
     if HAS_ENTROPY_GRAD:
         factor = log_p.add_(entropy.unsqueeze(-1)).mul_(-grad_entropy.unsqueeze(-1))
