@@ -15,8 +15,8 @@ On an fp32 machine the comparison measures the new paths alone (kernels, batches
   decode loop itself (reserved KV cache, grouped compaction) is the same for both.
 - Scoring: the candidates of BOTH sampling runs (2 x prompts x 8, e.g. 256), latent similarity at every layer + KL,
   prefix sharing, with a random non-zero LoRA (aligned != base). Baseline, yesterday's path: fp32, the log-softmax
-  over whole LM-head chunks. New default: cache-sized slices, and on bf16 an fp32 residual with linear inputs cast
-  once. Accuracy of the new default vs fp32 on the same candidates: max |score difference|, Spearman rank
+  over whole LM-head chunks. New default: cache-sized slices, and on bf16 an fp32 residual with the base and the
+  aligned side in one paired pass that shares the base's rounding (`dalign.score.paired`). Accuracy of the new default vs fp32 on the same candidates: max |score difference|, Spearman rank
   correlation per column, and the share of identical choices (per prompt, per selector: every layer's argmin and
   KL's argmax), with how many are near ties and the fp32 regret of the flips (`score_agreement.compare`, which
   also runs on a finished run's own candidates and adapter).
@@ -156,16 +156,18 @@ def make_adapter(dest: Path) -> None:
 
 def score_runs(adapter: Path, rows: list[ScoreRow], parts: int) -> dict:
     pairs = {d: load_pair(ModelConfig(student=SPEC, dtype=dtype_of(d), device="cpu"), adapter) for d in ARMS}
+    arms = (*ARMS, "apart")  # apart: the new default with `score.paired: false` (the two sides in two passes)
     engines = {
         d: ScoreEngine(pairs[d], ["latent_similarity", "kl"], "all", 16, share_prompt=True) for d in ARMS
     }
+    engines["apart"] = ScoreEngine(pairs["new"], ["latent_similarity", "kl"], "all", 16, True, paired=False)
     # yesterday's path took the log-softmax over whole LM-head chunks; the new default in cache-sized slices
-    slices = {"float32": engine.LOGIT_CHUNK, "new": engine.SOFTMAX_ROWS}
+    slices = {"float32": engine.LOGIT_CHUNK, "new": engine.SOFTMAX_ROWS, "apart": engine.SOFTMAX_ROWS}
     chunks = np.array_split(np.arange(len(rows)), parts)  # whole prompts stay together: rows are grouped
-    got = {d: {} for d in ARMS}
-    secs = dict.fromkeys(ARMS, 0.0)
+    got = {d: {} for d in arms}
+    secs = dict.fromkeys(arms, 0.0)
     for k, idx in enumerate(chunks):
-        for d in ARMS:  # ABAB
+        for d in arms:  # ABCABC
             t = time.perf_counter()
             with mock.patch.object(engine, "SOFTMAX_ROWS", slices[d]):
                 vals = engines[d].score([rows[i] for i in idx])
@@ -355,8 +357,9 @@ def main() -> None:
         vals = sc["values"]
         rho = min(spearman(vals["new"][c], vals["float32"][c]) for c in vals["float32"])
         agree = summarise(compare(vals["float32"], vals["new"], groups))
+        apart = summarise(compare(vals["float32"], vals["apart"], groups))
         sflops = score_flops(sc["model"], srows)
-        for d in ARMS:
+        for d in (*ARMS, "apart"):
             print(
                 f"  score {d}: {len(srows)} candidates in {sc['seconds'][d]:.1f} s; {cpu.mfu(sflops, sc['seconds'][d], peaks)}"
             )
@@ -366,6 +369,9 @@ def main() -> None:
             score_max_abs_err=agree.pop("max_abs_err"),
             score_min_spearman=round(rho, 4),
             **agree,
+            score_speedup_apart=round(sc["seconds"]["float32"] / sc["seconds"]["apart"], 3),
+            choice_agreement_apart=apart["choice_agreement"],
+            score_max_abs_err_apart=apart["max_abs_err"],
             **{f"score_mfu_{tag}": round(sflops / sc["seconds"]["new"] / 1e9 / peaks[NEW_DTYPE], 4)},
         )
         print(
@@ -373,6 +379,10 @@ def main() -> None:
             f"min Spearman {rho:.4f}; identical choices {result['choice_agreement']:.1%} of {result['choices']} "
             f"(near ties {result['near_tie_share']:.0%} of choices, {result['flips_near_tie'] or 0:.0%} of flips; "
             f"mean regret {result['regret_mean']:.3f})"
+        )
+        print(
+            f"  score.paired false: {result['score_speedup_apart']:.2f}x; identical choices "
+            f"{result['choice_agreement_apart']:.1%}; max |apart - fp32| {result['score_max_abs_err_apart']:.2e}"
         )
 
         print(f"components ({NEW_DTYPE}): scorer log-softmax slices, fused LM head tiles")

@@ -8,7 +8,9 @@ The first `--prompts` prompts of `--benchmark` (all their candidates) are scored
 settings as the score stage (latent similarity at every layer + KL, prefix sharing):
 
 - fp32: the reference (the path `model.dtype: float32` takes);
-- bf16: the default on AMX / AVX-512 BF16 CPUs (bf16 matmuls, fp32 residual stream, fp64 cosines);
+- bf16: the default on AMX / AVX-512 BF16 CPUs (bf16 matmuls, fp32 residual stream, fp64 cosines), the base and
+  the aligned side in one paired pass that shares the base's rounding (`dalign.score.paired`);
+- bf16 apart: the same, the two sides run in separate passes (the scorer before pairing);
 - bf16 weights, fp32 compute: the bf16-loaded model cast back to fp32. It separates rounding the weights (the
   packaged model is a dequantised GGUF, not bf16-exact) from rounding the activations inside the matmuls.
 
@@ -21,7 +23,7 @@ of the prompt's fp32 score range (0 = same or equally good pick, 1 = the worst c
     .venv/bin/python benchmarks/score_agreement.py --run runs/micro-repro [--benchmark harmbench] [--prompts 16]
 
 Last line: JSON with choice_agreement, choice_agreement_default_layer, choice_agreement_kl,
-choice_agreement_weights_only, near_tie_share, regret_mean, regret_p95, max_abs_err, candidates, seconds_fp32,
+choice_agreement_apart, choice_agreement_weights_only, near_tie_share, regret_mean, regret_p95, max_abs_err, candidates, seconds_fp32,
 seconds_bf16.
 """
 
@@ -40,7 +42,7 @@ from dalign.rundir import RunDir, adapter_dir
 from dalign.score.engine import ScoreEngine, ScoreRow
 from dalign.score.rates import direction, pick
 
-VARIANTS = ("float32", "bfloat16", "bf16_weights")
+VARIANTS = ("float32", "bfloat16", "bf16_apart", "bf16_weights")
 
 
 def run_rows(run: RunDir, benchmark: str, n_prompts: int) -> tuple[list[ScoreRow], np.ndarray]:
@@ -65,7 +67,9 @@ def score(variant: str, student: str, adapter: Path, rows: list[ScoreRow], batch
     pair = load_pair(ModelConfig(student=student, dtype=dtype, device="cpu"), adapter)
     if variant == "bf16_weights":
         pair.model.float()  # bf16-rounded weights (and LoRA factors), fp32 compute
-    eng = ScoreEngine(pair, ["latent_similarity", "kl"], "all", batch, share_prompt=True)
+    eng = ScoreEngine(
+        pair, ["latent_similarity", "kl"], "all", batch, share_prompt=True, paired=variant != "bf16_apart"
+    )
     t = time.perf_counter()
     vals = eng.score(rows)
     return vals, time.perf_counter() - t
@@ -149,6 +153,7 @@ def main() -> None:
         **summarise(bf),
         "choice_agreement_default_layer": round(share(bf, [("latent_similarity", layer)]), 4),
         "choice_agreement_kl": round(share(bf, [c for c in cols if c[0] == "kl"]), 4),
+        "choice_agreement_apart": round(share(picks["bf16_apart"], cols), 4),
         "choice_agreement_weights_only": round(share(picks["bf16_weights"], cols), 4),
         "candidates": len(rows),
         "benchmark": args.benchmark,
@@ -156,11 +161,12 @@ def main() -> None:
         "default_layer": layer,
         "seconds_fp32": round(secs["float32"], 1),
         "seconds_bf16": round(secs["bfloat16"], 1),
+        "seconds_bf16_apart": round(secs["bf16_apart"], 1),
     }
     print(
         f"identical choices: bf16 {result['choice_agreement']:.1%} of {result['choices']} "
         f"(layer {layer} {result['choice_agreement_default_layer']:.0%}, KL {result['choice_agreement_kl']:.0%}); "
-        f"bf16 weights + fp32 compute {result['choice_agreement_weights_only']:.1%}; "
+        f"bf16 in two passes apart {result['choice_agreement_apart']:.1%}; bf16 weights + fp32 compute {result['choice_agreement_weights_only']:.1%}; "
         f"near ties {result['near_tie_share']:.0%} of choices; mean regret {result['regret_mean']:.3f}"
     )
     print(json.dumps(result))

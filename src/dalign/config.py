@@ -346,6 +346,11 @@ class ScoreConfig(Section):
         True,
         description="Run each prompt once and reuse its KV cache for its N candidates (same scores, faster).",
     )
+    paired: bool = Field(
+        True,
+        description="bf16/fp16 with a LoRA adapter: run the base and the aligned side in one pass that shares the "
+        "base's rounding (choices close to fp32's, ~1.5x slower than two passes apart); fp32 is unaffected.",
+    )
     seed: int = Field(0, description="Seed of the random metric.")
 
 

@@ -223,7 +223,13 @@ class BestOfN:
         if key not in self._engines:
             e = self.engine
             self._engines[key] = ScoreEngine(
-                self.pair, [self.metric.name], layers, e.batch_size, share_prompt=e.share_prompt, seed=e.seed
+                self.pair,
+                [self.metric.name],
+                layers,
+                e.batch_size,
+                share_prompt=e.share_prompt,
+                seed=e.seed,
+                paired=e.paired,
             )
         return self._engines[key]
 

@@ -17,12 +17,16 @@ Conventions (the tests check each against an unpadded float64 reference):
 - ``share_prompt``: rows with identical prompt ids run the prompt once; its KV cache is indexed out to the rows,
   which then run only their response tokens. Same numbers (up to float rounding), fewer FLOPs when prompts are long.
 - ``aligned_hidden``: final-token states captured while sampling replace the aligned pass for those layers.
+- Low precision: a bf16/fp16 model keeps an fp32 residual stream. With a LoRA adapter (base = adapter disabled),
+  both sides run in one paired pass that shares the base's rounding (``dalign.score.paired``); ``paired=False``
+  runs them apart, as a base checkpoint always is.
 
 Only LoRA-style adapters are supported (they act inside the decoder modules); prompt-learning adapters are not.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -31,6 +35,7 @@ import torch
 
 from dalign.models.family import cache_kwarg, family_of
 from dalign.models.pair import ModelPair
+from dalign.score import paired as paired_mod
 from dalign.score.metrics import Metric, get_metric
 
 Column = tuple[str, int | None]  # (metric, layer) — layer is None for metrics that are not per layer
@@ -41,6 +46,9 @@ LOGIT_CHUNK = 256  # response positions per LM-head matmul: bounds the [chunk, V
 # [256, V] ones through memory; KL scoring as a whole ran 1.11x faster (benchmarks/RESULTS.md, cpu_speed). GPUs take
 # the whole chunk.
 SOFTMAX_ROWS = 8
+# Candidates per paired pass (2x rows), so its fp32 [rows, T, 1536] MLP activations stay near cache size: 16
+# candidates of the micro-reproduction took 8.2 s at 4, 9.8 s at 8 and 11.1 s in one pass of 16 (AMX Xeon).
+PAIRED_ROWS = 4
 
 
 class ScoreError(ValueError):
@@ -66,6 +74,7 @@ class _SideOut:
 
     final: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H] final-token states
     logit_states: torch.Tensor | None = None  # [P, H] normed states at positions predicting response tokens
+    paired: bool = False  # the aligned side of a paired pass: its LM head is paired with the base's too
 
 
 def resolve_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
@@ -84,9 +93,10 @@ def resolve_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
 
 
 def _capture(
-    model: torch.nn.Module, inputs: dict, wanted: dict[int, Picks]
+    model: torch.nn.Module, inputs: dict, wanted: dict[int, Picks], paired: bool = False
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Run the decoder until the deepest layer in `wanted`, returning the picked positions of each layer's output."""
+    """Run the decoder until the deepest layer in `wanted`, returning the picked positions of each layer's output.
+    `paired`: the batch is [base rows; aligned rows] of a bf16 LoRA pair, run as `dalign.score.paired` says."""
     fam = family_of(model)
     stop = max(wanted)
     store: dict[int, dict[str, torch.Tensor]] = {}
@@ -103,8 +113,7 @@ def _capture(
 
     for layer, picks in wanted.items():
         handles.append(fam.layer_output_module(layer).register_forward_hook(make_hook(layer, picks)))
-    low = next(fam.model.parameters()).dtype
-    low = low if low in (torch.bfloat16, torch.float16) else None
+    low = None if paired else paired_mod.low_dtype(fam.model)
     if low is not None:
         # bf16/fp16 weights: the matmuls run in it (autocast), the residual stream stays fp32 (the embedding
         # output is upcast, every sublayer output adds onto fp32). A bf16 residual rounds the cosines the guard
@@ -112,8 +121,12 @@ def _capture(
         handles.append(fam.model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.float()))
         handles += _cast_matmul_inputs(fam, low)
         handles += _fp32_lora_sums(fam)
+    rows = inputs["input_ids"].shape[0]
     try:
-        with torch.autocast(fam.model.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+        with (
+            torch.autocast(fam.model.device.type, dtype=low or torch.bfloat16, enabled=low is not None),
+            paired_mod.paired_linears(model, rows) if paired else contextlib.nullcontext(),
+        ):
             fam.decoder()(**inputs)
     except _StopForward:
         pass
@@ -213,6 +226,7 @@ class ScoreEngine:
         share_prompt: bool = False,
         padding_side: str = "right",
         seed: int = 0,
+        paired: bool = True,
     ):
         if padding_side not in ("left", "right"):
             raise ScoreError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -234,6 +248,8 @@ class ScoreEngine:
         self.share_prompt = share_prompt
         self.padding_side = padding_side
         self.seed = seed
+        # bf16/fp16 LoRA pairs run both sides in one batch sharing their rounding (dalign.score.paired)
+        self.paired = paired and paired_mod.supported(pair)
         self.vocab = pair.family.model.get_input_embeddings().weight.shape[0]
 
     def _check_base_shape(self) -> None:
@@ -339,13 +355,10 @@ class ScoreEngine:
         b_layers = list(self.layers) if hidden else []
 
         out: dict[Column, torch.Tensor] = {}
-        a = b = None
-        if a_layers or need_a_logits:
-            with self.pair.aligned() as model:
-                a = self._side(model, batch, a_layers, need_a_logits, "aligned")
-        if b_layers or need_b_logits:
-            with self.pair.base() as model:
-                b = self._side(model, batch, b_layers, need_b_logits, "base")
+        if self.paired and a_layers == b_layers and (b_layers or need_b_logits):
+            a, b = self._side_pair(batch, b_layers, need_a_logits)
+        else:
+            a, b = self._sides_apart(batch, a_layers, b_layers, need_a_logits, need_b_logits)
         if hidden:
             dev = self.pair.device
             for layer in self.layers:
@@ -360,9 +373,48 @@ class ScoreEngine:
                 out[(m.name, None)] = m.fn(keys, self.seed)
         return out
 
-    def _side(self, model, batch: list[ScoreRow], layers: list[int], logits: bool, side: str) -> _SideOut:
+    def _sides_apart(
+        self, batch: list[ScoreRow], a_layers: list[int], b_layers: list[int], a_logits: bool, b_logits: bool
+    ) -> tuple[_SideOut | None, _SideOut | None]:
+        """One pass per side: the aligned model, then the base (the adapter disabled, or the base checkpoint)."""
+        a = b = None
+        if a_layers or a_logits:
+            with self.pair.aligned() as model:
+                a = self._side(model, batch, a_layers, a_logits, "aligned")
+        if b_layers or b_logits:
+            with self.pair.base() as model:
+                b = self._side(model, batch, b_layers, b_logits, "base")
+        return a, b
+
+    def _side_pair(self, batch: list[ScoreRow], layers: list[int], logits: bool) -> tuple[_SideOut, _SideOut]:
+        """Both sides in one paired pass over [batch; batch] (`dalign.score.paired`): row k is the base side of
+        candidate k, row n + k its aligned side."""
+        outs: list[tuple[_SideOut, _SideOut]] = []
+        for i in range(0, len(batch), PAIRED_ROWS):
+            part = batch[i : i + PAIRED_ROWS]
+            n, p = len(part), int(self._lengths(part).sum())
+            with self.pair.aligned() as model:
+                res = self._side(model, part + part, layers, logits, "aligned or base", paired=True)
+            ls = res.logit_states
+            outs.append(
+                (
+                    _SideOut({lay: h[n:] for lay, h in res.final.items()}, None if ls is None else ls[p:]),
+                    _SideOut({lay: h[:n] for lay, h in res.final.items()}, None if ls is None else ls[:p]),
+                )
+            )
+
+        def join(sides: list[_SideOut], paired: bool) -> _SideOut:
+            ls = [x.logit_states for x in sides]
+            final = {lay: torch.cat([x.final[lay] for x in sides]) for lay in layers}
+            return _SideOut(final, None if ls[0] is None else torch.cat(ls), paired)
+
+        return join([a for a, _ in outs], True), join([b for _, b in outs], False)
+
+    def _side(
+        self, model, batch: list[ScoreRow], layers: list[int], logits: bool, side: str, paired: bool = False
+    ) -> _SideOut:
         fn = self._side_shared if self.share_prompt else self._side_padded
-        res = fn(model, batch, layers, logits)
+        res = fn(model, batch, layers, logits, paired)
         for layer, h in res.final.items():
             bad = (~torch.isfinite(h).all(-1)).nonzero().flatten().tolist()
             if bad:
@@ -383,7 +435,9 @@ class ScoreEngine:
     def _lengths(batch: list[ScoreRow]) -> torch.Tensor:
         return torch.tensor([len(r.response_ids) for r in batch], dtype=torch.long)
 
-    def _side_padded(self, model, batch: list[ScoreRow], layers: list[int], logits: bool) -> _SideOut:
+    def _side_padded(
+        self, model, batch: list[ScoreRow], layers: list[int], logits: bool, paired: bool = False
+    ) -> _SideOut:
         dev = self.pair.device
         seqs = [[int(t) for t in (*r.prompt_ids, *r.response_ids)] for r in batch]
         n = torch.tensor([len(s) for s in seqs])
@@ -415,20 +469,26 @@ class ScoreEngine:
         }
         inputs["use_cache"] = False
         with torch.inference_mode():
-            got = _capture(model, inputs, wanted)
+            got = _capture(model, inputs, wanted, paired)
         return _SideOut(
             final={layer: got[layer]["final"] for layer in layers},
             logit_states=got[self.num_layers]["logit"] if logits else None,
         )
 
-    def _side_shared(self, model, batch: list[ScoreRow], layers: list[int], logits: bool) -> _SideOut:
-        """Prompt pass once per distinct prompt (left-padded), then the responses on the indexed-out KV cache."""
+    def _side_shared(
+        self, model, batch: list[ScoreRow], layers: list[int], logits: bool, paired: bool = False
+    ) -> _SideOut:
+        """Prompt pass once per distinct prompt (left-padded), then the responses on the indexed-out KV cache.
+        `paired` (batch = [rows; rows]): each half's prompts run apart, so prompt g pairs with prompt G + g."""
         from transformers import DynamicCache
 
         dev = self.pair.device
         keys: dict[tuple, int] = {}
-        group = torch.tensor([keys.setdefault(tuple(int(t) for t in r.prompt_ids), len(keys)) for r in batch])
-        prompts = list(keys)
+        half = len(batch) // 2 if paired else len(batch)
+        group = torch.tensor(
+            [keys.setdefault((i >= half, *map(int, r.prompt_ids)), len(keys)) for i, r in enumerate(batch)]
+        )
+        prompts = [k[1:] for k in keys]
         plen = torch.tensor([len(pr) for pr in prompts])
         pw = int(plen.max())
         pids = torch.zeros(len(prompts), pw, dtype=torch.long)
@@ -455,6 +515,7 @@ class ScoreEngine:
                     ckw: cache,
                 },
                 {layer: {"last": last} for layer in wanted_layers},
+                paired,
             )
         r = self._lengths(batch)
         live = (r > 0).nonzero().flatten()  # rows with a response to run
@@ -493,6 +554,7 @@ class ScoreEngine:
                         ckw: cache,
                     },
                     wanted,
+                    paired,
                 )
         slot = torch.full((len(batch),), -1, dtype=torch.long)
         slot[live] = torch.arange(len(live))
@@ -531,13 +593,16 @@ class ScoreEngine:
         with torch.inference_mode():
             for s in range(0, total, LOGIT_CHUNK):
                 e = min(s + LOGIT_CHUNK, total)
-                # Re-enter the contexts per chunk: the base head differs when the adapter trains lm_head.
-                with self.pair.aligned() as model:
-                    za = _lm_head(model)(a.logit_states[s:e])
                 zb = None
-                if need_b:
-                    with self.pair.base() as model:
-                        zb = _lm_head(model)(b.logit_states[s:e])
+                if a.paired and need_b:  # one shared head (`paired.supported`), its rounding shared too
+                    with self.pair.aligned() as model:
+                        za, zb = paired_mod.paired_head(model)(a.logit_states[s:e], b.logit_states[s:e])
+                else:  # re-enter the contexts per chunk: the base head differs when the adapter trains lm_head
+                    with self.pair.aligned() as model:
+                        za = _lm_head(model)(a.logit_states[s:e])
+                    if need_b:
+                        with self.pair.base() as model:
+                            zb = _lm_head(model)(b.logit_states[s:e])
                 for u in range(0, e - s, step):
                     v = min(u + step, e - s)
                     la = self._logp(za[u:v])

@@ -99,7 +99,7 @@ class ScoreWorker:
         self.pair = load_pair(self.cfg.model, adapter_dir(run))
         sc = self.cfg.score
         self.engine = ScoreEngine(
-            self.pair, sc.metrics, sc.layers, sc.batch_size, sc.share_prompt, seed=sc.seed
+            self.pair, sc.metrics, sc.layers, sc.batch_size, sc.share_prompt, seed=sc.seed, paired=sc.paired
         )
         self.store = run.store(self.artifact)
 
