@@ -46,9 +46,10 @@ LOGIT_CHUNK = 256  # response positions per LM-head matmul: bounds the [chunk, V
 # [256, V] ones through memory; KL scoring as a whole ran 1.11x faster (benchmarks/RESULTS.md, cpu_speed). GPUs take
 # the whole chunk.
 SOFTMAX_ROWS = 8
-# Candidates per paired pass (2x rows), so its fp32 [rows, T, 1536] MLP activations stay near cache size: 16
-# candidates of the micro-reproduction took 8.2 s at 4, 9.8 s at 8 and 11.1 s in one pass of 16 (AMX Xeon).
-PAIRED_ROWS = 4
+# Positions (rows x width) per paired pass, so its fp32 [rows, T, 1536] MLP activations stay near cache size. On
+# the AMX Xeon, 16 candidates with 256-token responses ran 1.25x faster in passes of 4 than in one, but with 64-token
+# responses 1.5x slower (the prompt pass repeats per pass): a budget in positions suits both.
+PAIRED_POSITIONS = 2048
 
 
 class ScoreError(ValueError):
@@ -389,9 +390,16 @@ class ScoreEngine:
     def _side_pair(self, batch: list[ScoreRow], layers: list[int], logits: bool) -> tuple[_SideOut, _SideOut]:
         """Both sides in one paired pass over [batch; batch] (`dalign.score.paired`): row k is the base side of
         candidate k, row n + k its aligned side."""
+        width = [len(r.response_ids) + (0 if self.share_prompt else len(r.prompt_ids)) for r in batch]
+        parts, start = [], 0
+        for i in range(
+            1, len(batch) + 1
+        ):  # the longest prefix of the rest within budget, at least one candidate
+            if i == len(batch) or 2 * (i + 1 - start) * max(width[start : i + 1]) > PAIRED_POSITIONS:
+                parts.append(batch[start:i])
+                start = i
         outs: list[tuple[_SideOut, _SideOut]] = []
-        for i in range(0, len(batch), PAIRED_ROWS):
-            part = batch[i : i + PAIRED_ROWS]
+        for part in parts:
             n, p = len(part), int(self._lengths(part).sum())
             with self.pair.aligned() as model:
                 res = self._side(model, part + part, layers, logits, "aligned or base", paired=True)
