@@ -173,6 +173,38 @@ def test_paired_bf16_passes_share_the_bases_rounding(tiny_dir, tmp_path, share_p
         assert picks.all(), (col, picks)
 
 
+def test_paired_passes_split_by_positions_give_the_same_scores(tiny_dir, tmp_path, monkeypatch):
+    """A batch split into several paired passes (a small position budget) scores as one pass does."""
+    from dalign.score import engine
+
+    pair, _ = _small_lora_pair(tiny_dir, tmp_path, 0.01)
+    g = torch.Generator().manual_seed(7)
+    rows = [
+        ScoreRow(
+            p, torch.randint(4, 300, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+        )
+        for p in torch.randint(4, 300, (3, 5), generator=g).tolist()
+        for _ in range(3)
+    ]
+    for share in (True, False):
+        eng = ScoreEngine(pair, ["latent_similarity", "kl"], [1, 3], batch_size=9, share_prompt=share)
+        whole = eng.score(rows)
+        passes = []
+        monkeypatch.setattr(engine, "PAIRED_POSITIONS", 40)
+        real = eng._side
+
+        def counted(*a, passes=passes, real=real, **k):
+            passes.append(len(a[1]))
+            return real(*a, **k)
+
+        monkeypatch.setattr(eng, "_side", counted)
+        split = eng.score(rows)
+        monkeypatch.undo()
+        assert len(passes) > 2 and max(passes) < 2 * len(rows), passes  # several passes of [part; part]
+        for col in whole:
+            np.testing.assert_allclose(split[col], whole[col], rtol=0, atol=1e-6, err_msg=str(col))
+
+
 def test_paired_scoring_only_where_the_pair_allows_it(tiny_dir, tmp_path):
     """fp32 pairs stay exact and unpaired; a merged adapter or a separate base checkpoint has no shared weights to
     pair on."""
