@@ -16,10 +16,11 @@ On an fp32 machine the comparison measures the new paths alone (kernels, batches
 - Scoring: the candidates of BOTH sampling runs (2 x prompts x 8, e.g. 256), latent similarity at every layer + KL,
   prefix sharing, with a random non-zero LoRA (aligned != base). Baseline, yesterday's path: fp32, the log-softmax
   over whole LM-head chunks. New default: cache-sized slices, and on bf16 an fp32 residual with the base and the
-  aligned side in one paired pass that shares the base's rounding (`dalign.score.paired`). Accuracy of the new default vs fp32 on the same candidates: max |score difference|, Spearman rank
-  correlation per column, and the share of identical choices (per prompt, per selector: every layer's argmin and
-  KL's argmax), with how many are near ties and the fp32 regret of the flips (`score_agreement.compare`, which
-  also runs on a finished run's own candidates and adapter).
+  aligned side in one paired pass that shares the base's rounding (`dalign.score.paired`); a third arm runs the
+  new default with the two sides apart (`score.paired: false`). Accuracy of the new default vs fp32 on the same
+  candidates: max |score difference|, Spearman rank correlation per column, and the share of identical choices
+  (per prompt, per selector: every layer's argmin and KL's argmax), with how many are near ties and the fp32
+  regret of the flips (`score_agreement.compare`, which also runs on a finished run's own candidates and adapter).
 - Components, in the new default's dtype, each alone against its stock setting: the scorer's log-softmax in
   `SOFTMAX_ROWS`-row slices vs whole LM-head chunks (KL only, a quarter of the scored candidates), and TRL's fused
   LM head under `head_tiles` (tiles, folds, backward) vs TRL's own (forward + backward, 1,100 positions).
@@ -58,6 +59,10 @@ from dalign.teach.corpus import load_corpus
 
 SPEC = "packaged:smollm2-135m-instruct"
 ARMS = ("float32", "new")  # yesterday's path (fp32) and the new default
+SCORE_ARMS = (
+    *ARMS,
+    "apart",
+)  # apart: the new default with `score.paired: false` (the two sides in two passes)
 # the new arm's dtype; main() sets it from --new-dtype (default: what `model.dtype: auto` picks on this CPU)
 NEW_DTYPE = "float32"
 
@@ -156,7 +161,6 @@ def make_adapter(dest: Path) -> None:
 
 def score_runs(adapter: Path, rows: list[ScoreRow], parts: int) -> dict:
     pairs = {d: load_pair(ModelConfig(student=SPEC, dtype=dtype_of(d), device="cpu"), adapter) for d in ARMS}
-    arms = (*ARMS, "apart")  # apart: the new default with `score.paired: false` (the two sides in two passes)
     engines = {
         d: ScoreEngine(pairs[d], ["latent_similarity", "kl"], "all", 16, share_prompt=True) for d in ARMS
     }
@@ -164,10 +168,10 @@ def score_runs(adapter: Path, rows: list[ScoreRow], parts: int) -> dict:
     # yesterday's path took the log-softmax over whole LM-head chunks; the new default in cache-sized slices
     slices = {"float32": engine.LOGIT_CHUNK, "new": engine.SOFTMAX_ROWS, "apart": engine.SOFTMAX_ROWS}
     chunks = np.array_split(np.arange(len(rows)), parts)  # whole prompts stay together: rows are grouped
-    got = {d: {} for d in arms}
-    secs = dict.fromkeys(arms, 0.0)
+    got = {d: {} for d in SCORE_ARMS}
+    secs = dict.fromkeys(SCORE_ARMS, 0.0)
     for k, idx in enumerate(chunks):
-        for d in arms:  # ABCABC
+        for d in SCORE_ARMS:  # ABCABC
             t = time.perf_counter()
             with mock.patch.object(engine, "SOFTMAX_ROWS", slices[d]):
                 vals = engines[d].score([rows[i] for i in idx])
@@ -359,7 +363,7 @@ def main() -> None:
         agree = summarise(compare(vals["float32"], vals["new"], groups))
         apart = summarise(compare(vals["float32"], vals["apart"], groups))
         sflops = score_flops(sc["model"], srows)
-        for d in (*ARMS, "apart"):
+        for d in SCORE_ARMS:
             print(
                 f"  score {d}: {len(srows)} candidates in {sc['seconds'][d]:.1f} s; {cpu.mfu(sflops, sc['seconds'][d], peaks)}"
             )

@@ -114,19 +114,22 @@ def _capture(
 
     for layer, picks in wanted.items():
         handles.append(fam.layer_output_module(layer).register_forward_hook(make_hook(layer, picks)))
-    low = None if paired else paired_mod.low_dtype(fam.model)
+    low = paired_mod.low_dtype(fam.model)
     if low is not None:
-        # bf16/fp16 weights: the matmuls run in it (autocast), the residual stream stays fp32 (the embedding
-        # output is upcast, every sublayer output adds onto fp32). A bf16 residual rounds the cosines the guard
-        # compares (near 1) to ~4e-3; fp32 keeps bf16 vs fp32 choices alike (benchmarks/cpu_speed.py).
+        # bf16/fp16 weights: the matmuls run in it, the residual stream stays fp32 (the embedding output is
+        # upcast, every sublayer output adds onto fp32). A bf16 residual rounds the cosines the guard compares
+        # (near 1) to ~4e-3; fp32 keeps bf16 vs fp32 choices alike (benchmarks/cpu_speed.py).
         handles.append(fam.model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.float()))
-        handles += _cast_matmul_inputs(fam, low)
-        handles += _fp32_lora_sums(fam)
-    rows = inputs["input_ids"].shape[0]
+        if not paired:  # apart: autocast with single casts; paired: the paired linear layers cast themselves
+            handles += _cast_matmul_inputs(fam, low)
+            handles += _fp32_lora_sums(fam)
+    autocast = low is not None and not paired
     try:
         with (
-            torch.autocast(fam.model.device.type, dtype=low or torch.bfloat16, enabled=low is not None),
-            paired_mod.paired_linears(model, rows) if paired else contextlib.nullcontext(),
+            torch.autocast(fam.model.device.type, dtype=low or torch.bfloat16, enabled=autocast),
+            paired_mod.paired_linears(model, inputs["input_ids"].shape[0])
+            if paired
+            else contextlib.nullcontext(),
         ):
             fam.decoder()(**inputs)
     except _StopForward:
@@ -200,16 +203,28 @@ def _fp32_lora_sums(fam) -> list:
     ]
 
 
-def _lm_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _lm_head(model: torch.nn.Module, paired: bool = False) -> Callable:
+    """states -> logits; `paired`: (aligned states, base states) -> fp32 (aligned, base) logits, the aligned side
+    as the base's plus the head applied to the difference (`dalign.score.paired`)."""
     inner = family_of(model).model
     head = inner.get_output_embeddings()
     cap = getattr(inner.config, "final_logit_softcapping", None)  # Gemma 2/3 squash logits after the head
+    low = head.weight.dtype
 
-    def apply(states: torch.Tensor) -> torch.Tensor:
-        logits = head(states.to(head.weight.dtype))  # fp32 residual states of a bf16 model (see _capture)
+    def finish(logits: torch.Tensor) -> torch.Tensor:
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    return apply
+    def apply(states: torch.Tensor) -> torch.Tensor:
+        return finish(head(states.to(low)))  # fp32 residual states of a bf16 model (see _capture)
+
+    def apply_paired(sa: torch.Tensor, sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zb = head(sb.to(low)).float()
+        za = (
+            zb + torch.nn.functional.linear((sa.float() - sb.float()).to(low), head.weight).float()
+        )  # bias once
+        return finish(za), finish(zb)
+
+    return apply_paired if paired else apply
 
 
 class ScoreEngine:
@@ -390,33 +405,34 @@ class ScoreEngine:
     def _side_pair(self, batch: list[ScoreRow], layers: list[int], logits: bool) -> tuple[_SideOut, _SideOut]:
         """Both sides in one paired pass over [batch; batch] (`dalign.score.paired`): row k is the base side of
         candidate k, row n + k its aligned side."""
-        width = [len(r.response_ids) + (0 if self.share_prompt else len(r.prompt_ids)) for r in batch]
-        parts, start = [], 0
-        for i in range(
-            1, len(batch) + 1
-        ):  # the longest prefix of the rest within budget, at least one candidate
-            if i == len(batch) or 2 * (i + 1 - start) * max(width[start : i + 1]) > PAIRED_POSITIONS:
-                parts.append(batch[start:i])
-                start = i
-        outs: list[tuple[_SideOut, _SideOut]] = []
+        parts, cur, width = [], [], 0  # consecutive candidates, 2 x count x widest within PAIRED_POSITIONS
+        for r in batch:
+            w = len(r.response_ids) + (0 if self.share_prompt else len(r.prompt_ids))
+            if cur and 2 * (len(cur) + 1) * max(width, w) > PAIRED_POSITIONS:
+                parts.append(cur)
+                cur, width = [], 0
+            cur.append(r)
+            width = max(width, w)
+        parts.append(cur)
+        sides: dict[str, list[_SideOut]] = {"a": [], "b": []}
         for part in parts:
             n, p = len(part), int(self._lengths(part).sum())
             with self.pair.aligned() as model:
                 res = self._side(model, part + part, layers, logits, "aligned or base", paired=True)
             ls = res.logit_states
-            outs.append(
-                (
-                    _SideOut({lay: h[n:] for lay, h in res.final.items()}, None if ls is None else ls[p:]),
-                    _SideOut({lay: h[:n] for lay, h in res.final.items()}, None if ls is None else ls[:p]),
-                )
+            sides["b"].append(
+                _SideOut({k: h[:n] for k, h in res.final.items()}, None if ls is None else ls[:p])
+            )
+            sides["a"].append(
+                _SideOut({k: h[n:] for k, h in res.final.items()}, None if ls is None else ls[p:])
             )
 
-        def join(sides: list[_SideOut], paired: bool) -> _SideOut:
-            ls = [x.logit_states for x in sides]
-            final = {lay: torch.cat([x.final[lay] for x in sides]) for lay in layers}
-            return _SideOut(final, None if ls[0] is None else torch.cat(ls), paired)
+        def join(outs: list[_SideOut], paired: bool) -> _SideOut:
+            final = {lay: torch.cat([x.final[lay] for x in outs]) for lay in layers}
+            ls = None if outs[0].logit_states is None else torch.cat([x.logit_states for x in outs])
+            return _SideOut(final, ls, paired)
 
-        return join([a for a, _ in outs], True), join([b for _, b in outs], False)
+        return join(sides["a"], True), join(sides["b"], False)
 
     def _side(
         self, model, batch: list[ScoreRow], layers: list[int], logits: bool, side: str, paired: bool = False
@@ -604,7 +620,7 @@ class ScoreEngine:
                 zb = None
                 if a.paired and need_b:  # one shared head (`paired.supported`), its rounding shared too
                     with self.pair.aligned() as model:
-                        za, zb = paired_mod.paired_head(model)(a.logit_states[s:e], b.logit_states[s:e])
+                        za, zb = _lm_head(model, paired=True)(a.logit_states[s:e], b.logit_states[s:e])
                 else:  # re-enter the contexts per chunk: the base head differs when the adapter trains lm_head
                     with self.pair.aligned() as model:
                         za = _lm_head(model)(a.logit_states[s:e])

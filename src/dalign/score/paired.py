@@ -11,7 +11,7 @@ rows] in fp32 and computes
 
 in one matmul of the same size as the two passes'. Both sides carry the base's rounding; their difference is
 rounded to 2^-9 of itself. Attention, norms, activations and the residual stream run in fp32. The LM head is paired
-the same way for KL. Used by `ScoreEngine` when the pair is a bf16/fp16 model with an unmerged plain LoRA adapter
+the same way for KL (`engine._lm_head`). Used by `ScoreEngine` when the pair is a bf16/fp16 model with an unmerged plain LoRA adapter
 and no adapter on the LM head; otherwise the engine runs the two passes apart.
 """
 
@@ -118,35 +118,14 @@ def _paired_forward(module: nn.Module, split: _Split, rows: int) -> Callable:
 @contextlib.contextmanager
 def paired_linears(model: nn.Module, rows: int) -> Iterator[None]:
     """Within the block, the decoder's linear layers compute the paired products for batches of `rows` rows
-    ([base; aligned]); the embedding output is upcast to fp32 so the residual stream is fp32 from the start."""
+    ([base; aligned]). The caller keeps the residual stream fp32 (`engine._capture` upcasts the embedding)."""
     fam = family_of(model)
     split = _Split(low_dtype(fam.model))
     mods = _linears(fam.decoder())
     for m in mods:
         m.forward = _paired_forward(m, split, rows)  # instance attribute: shadows the class's forward
-    h = fam.model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.float())
     try:
         yield
     finally:
-        h.remove()
         for m in mods:
             del m.forward
-
-
-def paired_head(
-    model: nn.Module,
-) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(aligned states, base states) -> fp32 (aligned logits, base logits), paired like the linear layers."""
-    inner = family_of(model).model
-    head = inner.get_output_embeddings()
-    cap = getattr(inner.config, "final_logit_softcapping", None)
-
-    def apply(sa: torch.Tensor, sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        low = head.weight.dtype
-        zb = head(sb.to(low)).float()
-        za = zb + F.linear((sa.float() - sb.float()).to(low), head.weight).float()  # a bias counts once
-        if cap:
-            za, zb = torch.tanh(za / cap) * cap, torch.tanh(zb / cap) * cap
-        return za, zb
-
-    return apply
