@@ -349,8 +349,8 @@ class ScoreConfig(Section):
     paired: bool = Field(
         True,
         description="bf16/fp16 with a LoRA adapter: run the base and the aligned side in one pass that shares the "
-        "base's rounding (choices close to fp32's; 1.03-1.2x the time of two passes apart, measured on an AMX "
-        "Xeon); fp32 is unaffected.",
+        "base's rounding (choices close to fp32's; on an AMX Xeon about the time of two passes apart for "
+        "64-token candidates, 1.2x for 256-token ones); fp32 is unaffected.",
     )
     seed: int = Field(0, description="Seed of the random metric.")
 
