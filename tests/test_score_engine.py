@@ -108,6 +108,22 @@ def test_lm_head_chunks_and_softmax_slices_do_not_change_values(pair, ref_pair, 
     assert_close(got, [reference(ref_pair, r, [2]) for r in rows], rows)
 
 
+def test_softcapped_logits_match_the_reference():
+    """A family that squashes its logits after the LM head (Gemma 2's final_logit_softcapping): the scorer's
+    sliced log-softmax applies the same cap as the model's own forward."""
+    from tiny import make_model, make_tokenizer, random_lora
+
+    tok = make_tokenizer()
+    peft = random_lora(make_model("gemma2", len(tok)))
+    with torch.no_grad():
+        peft.get_output_embeddings().weight.mul_(8.0)  # logits well past the cap, so it matters
+    capped = ModelPair(model=peft, tokenizer=tok)
+    rows = make_rows(seed=6)
+    got = ScoreEngine(capped, ALL, [2], batch_size=4, share_prompt=True).score(rows)
+    ref = ModelPair(model=copy.deepcopy(peft).double(), tokenizer=tok)
+    assert_close(got, [reference(ref, r, [2]) for r in rows], rows)
+
+
 def test_kl_terms_of_zero_probability_are_zero():
     """p_v = 0 contributes 0 even where log q_v = -inf (masked logits); q_v = 0 under p_v > 0 gives inf."""
     kl = get_metric("kl").fn

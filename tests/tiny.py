@@ -76,6 +76,11 @@ def make_model(
         return LlamaForCausalLM(LlamaConfig(**common)).eval()
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if arch == "gemma2":  # logits softcapped after the LM head (final_logit_softcapping)
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        cfg = Gemma2Config(**common, head_dim=hidden // 4, final_logit_softcapping=3.0)
+        return Gemma2ForCausalLM(cfg).eval()
     raise ValueError(arch)
 
 

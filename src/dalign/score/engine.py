@@ -204,25 +204,19 @@ def _fp32_lora_sums(fam) -> list:
 
 
 def _lm_head(model: torch.nn.Module, paired: bool = False) -> Callable:
-    """states -> logits; `paired`: (aligned states, base states) -> fp32 (aligned, base) logits, the aligned side
-    as the base's plus the head applied to the difference (`dalign.score.paired`)."""
-    inner = family_of(model).model
-    head = inner.get_output_embeddings()
-    cap = getattr(inner.config, "final_logit_softcapping", None)  # Gemma 2/3 squash logits after the head
+    """states -> raw logits in the head's dtype; `paired`: (aligned states, base states) -> (the base's raw
+    logits, the head applied to the difference), the aligned side's logits being their sum (`dalign.score.paired`).
+    `ScoreEngine._logp` upcasts, sums and softcaps them slice by slice: whole fp32 [chunk, V] copies would stream through
+    memory (paired KL scoring spent 16 % of its time on them)."""
+    head = family_of(model).model.get_output_embeddings()
     low = head.weight.dtype
 
-    def finish(logits: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(logits / cap) * cap if cap else logits
-
     def apply(states: torch.Tensor) -> torch.Tensor:
-        return finish(head(states.to(low)))  # fp32 residual states of a bf16 model (see _capture)
+        return head(states.to(low))  # fp32 residual states of a bf16 model (see _capture)
 
     def apply_paired(sa: torch.Tensor, sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        zb = head(sb.to(low)).float()
-        za = (
-            zb + torch.nn.functional.linear((sa.float() - sb.float()).to(low), head.weight).float()
-        )  # bias once
-        return finish(za), finish(zb)
+        diff = torch.nn.functional.linear((sa.float() - sb.float()).to(low), head.weight)  # the bias once
+        return head(sb.to(low)), diff
 
     return apply_paired if paired else apply
 
@@ -267,6 +261,7 @@ class ScoreEngine:
         # bf16/fp16 LoRA pairs run both sides in one batch sharing their rounding (dalign.score.paired)
         self.paired = paired and paired_mod.supported(pair)
         self.vocab = pair.family.model.get_input_embeddings().weight.shape[0]
+        self.softcap = getattr(pair.family.model.config, "final_logit_softcapping", None)
 
     def _check_base_shape(self) -> None:
         if self.pair.base_model is None:
@@ -617,10 +612,11 @@ class ScoreEngine:
         with torch.inference_mode():
             for s in range(0, total, LOGIT_CHUNK):
                 e = min(s + LOGIT_CHUNK, total)
-                zb = None
+                zb = zd = None
                 if a.paired and need_b:  # one shared head (`paired.supported`), its rounding shared too
                     with self.pair.aligned() as model:
-                        za, zb = _lm_head(model, paired=True)(a.logit_states[s:e], b.logit_states[s:e])
+                        zb, zd = _lm_head(model, paired=True)(a.logit_states[s:e], b.logit_states[s:e])
+                    za = zb
                 else:  # re-enter the contexts per chunk: the base head differs when the adapter trains lm_head
                     with self.pair.aligned() as model:
                         za = _lm_head(model)(a.logit_states[s:e])
@@ -629,7 +625,7 @@ class ScoreEngine:
                             zb = _lm_head(model)(b.logit_states[s:e])
                 for u in range(0, e - s, step):
                     v = min(u + step, e - s)
-                    la = self._logp(za[u:v])
+                    la = self._logp(za[u:v], None if zd is None else zd[u:v])
                     lb = self._logp(zb[u:v]) if zb is not None else None
                     for m in token:
                         vals = m.fn(la, lb if m.needs_base_logits else None, targets[s + u : s + v])
@@ -643,10 +639,15 @@ class ScoreEngine:
             out[(m.name, None)] = m.finalize(mean) if m.finalize else mean
         return out
 
-    @staticmethod
-    def _logp(logits: torch.Tensor) -> torch.Tensor:
-        # At least fp32 for the softmax; fp64 models (the tests' reference) keep fp64.
-        return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    def _logp(self, logits: torch.Tensor, diff: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities of raw LM-head logits (+ `diff`, a paired head's aligned side), softcapped as the model
+        does. At least fp32; fp64 models (the tests' reference) keep fp64."""
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if diff is not None:
+            z = z + diff.to(z.dtype)
+        if self.softcap:  # Gemma 2/3 squash logits after the head
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return torch.log_softmax(z, dim=-1)
 
 
 def retokenize(
