@@ -59,10 +59,8 @@ from dalign.teach.corpus import load_corpus
 
 SPEC = "packaged:smollm2-135m-instruct"
 ARMS = ("float32", "new")  # yesterday's path (fp32) and the new default
-SCORE_ARMS = (
-    *ARMS,
-    "apart",
-)  # apart: the new default with `score.paired: false` (the two sides in two passes)
+# scoring adds "apart": the new default with `score.paired: false` (the two sides in two passes)
+SCORE_ARMS = (*ARMS, "apart")
 # the new arm's dtype; main() sets it from --new-dtype (default: what `model.dtype: auto` picks on this CPU)
 NEW_DTYPE = "float32"
 

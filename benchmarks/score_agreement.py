@@ -23,8 +23,8 @@ of the prompt's fp32 score range (0 = same or equally good pick, 1 = the worst c
     .venv/bin/python benchmarks/score_agreement.py --run runs/micro-repro [--benchmark harmbench] [--prompts 16]
 
 Last line: JSON with choice_agreement, choice_agreement_default_layer, choice_agreement_kl,
-choice_agreement_apart, choice_agreement_weights_only, near_tie_share, regret_mean, regret_p95, max_abs_err, candidates, seconds_fp32,
-seconds_bf16.
+choice_agreement_apart, choice_agreement_weights_only, near_tie_share, regret_mean, regret_p95, max_abs_err,
+candidates, seconds_fp32, seconds_bf16, seconds_bf16_apart.
 """
 
 from __future__ import annotations

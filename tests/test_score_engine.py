@@ -108,19 +108,28 @@ def test_lm_head_chunks_and_softmax_slices_do_not_change_values(pair, ref_pair, 
     assert_close(got, [reference(ref_pair, r, [2]) for r in rows], rows)
 
 
-def test_softcapped_logits_match_the_reference():
+@pytest.mark.parametrize("capped_side", ["aligned", "base"])
+def test_softcapped_logits_match_the_reference(capped_side):
     """A family that squashes its logits after the LM head (Gemma 2's final_logit_softcapping): the scorer's
-    sliced log-softmax applies the same cap as the model's own forward."""
+    sliced log-softmax applies each side's own cap, as the model's own forward does; on the aligned side of a
+    LoRA pair, or on a base checkpoint of that family beside an uncapped aligned model."""
     from tiny import make_model, make_tokenizer, random_lora
 
     tok = make_tokenizer()
-    peft = random_lora(make_model("gemma2", len(tok)))
+    gemma = make_model("gemma2", len(tok))
     with torch.no_grad():
-        peft.get_output_embeddings().weight.mul_(8.0)  # logits well past the cap, so it matters
-    capped = ModelPair(model=peft, tokenizer=tok)
+        gemma.get_output_embeddings().weight.mul_(8.0)  # logits well past the cap, so it matters
+    if capped_side == "aligned":
+        capped = ModelPair(model=random_lora(gemma), tokenizer=tok)
+        ref = ModelPair(model=copy.deepcopy(capped.model).double(), tokenizer=tok)
+    else:
+        llama = make_model("llama", len(tok), seed=4)
+        capped = ModelPair(model=llama, tokenizer=tok, base_model=gemma)
+        ref = ModelPair(
+            model=copy.deepcopy(llama).double(), tokenizer=tok, base_model=copy.deepcopy(gemma).double()
+        )
     rows = make_rows(seed=6)
     got = ScoreEngine(capped, ALL, [2], batch_size=4, share_prompt=True).score(rows)
-    ref = ModelPair(model=copy.deepcopy(peft).double(), tokenizer=tok)
     assert_close(got, [reference(ref, r, [2]) for r in rows], rows)
 
 

@@ -206,8 +206,8 @@ def _fp32_lora_sums(fam) -> list:
 def _lm_head(model: torch.nn.Module, paired: bool = False) -> Callable:
     """states -> raw logits in the head's dtype; `paired`: (aligned states, base states) -> (the base's raw
     logits, the head applied to the difference), the aligned side's logits being their sum (`dalign.score.paired`).
-    `ScoreEngine._logp` upcasts, sums and softcaps them slice by slice: whole fp32 [chunk, V] copies would stream through
-    memory (paired KL scoring spent 16 % of its time on them)."""
+    `ScoreEngine._logp` upcasts, sums and softcaps them slice by slice: whole fp32 [chunk, V] copies would stream
+    through memory (paired KL scoring spent 16 % of its time on them)."""
     head = family_of(model).model.get_output_embeddings()
     low = head.weight.dtype
 
@@ -219,6 +219,11 @@ def _lm_head(model: torch.nn.Module, paired: bool = False) -> Callable:
         return head(sb.to(low)), diff
 
     return apply_paired if paired else apply
+
+
+def _softcap(model: torch.nn.Module) -> float | None:
+    """The cap Gemma 2/3 squash their logits to after the LM head (`ScoreEngine._logp`), or None."""
+    return getattr(family_of(model).model.config, "final_logit_softcapping", None)
 
 
 class ScoreEngine:
@@ -261,7 +266,9 @@ class ScoreEngine:
         # bf16/fp16 LoRA pairs run both sides in one batch sharing their rounding (dalign.score.paired)
         self.paired = paired and paired_mod.supported(pair)
         self.vocab = pair.family.model.get_input_embeddings().weight.shape[0]
-        self.softcap = getattr(pair.family.model.config, "final_logit_softcapping", None)
+        # each side's own logit cap: a base checkpoint may be of another family
+        self.cap_a = _softcap(pair.model)
+        self.cap_b = self.cap_a if pair.base_model is None else _softcap(pair.base_model)
 
     def _check_base_shape(self) -> None:
         if self.pair.base_model is None:
@@ -625,8 +632,8 @@ class ScoreEngine:
                             zb = _lm_head(model)(b.logit_states[s:e])
                 for u in range(0, e - s, step):
                     v = min(u + step, e - s)
-                    la = self._logp(za[u:v], None if zd is None else zd[u:v])
-                    lb = self._logp(zb[u:v]) if zb is not None else None
+                    la = self._logp(za[u:v], self.cap_a, None if zd is None else zd[u:v])
+                    lb = self._logp(zb[u:v], self.cap_b) if zb is not None else None
                     for m in token:
                         vals = m.fn(la, lb if m.needs_base_logits else None, targets[s + u : s + v])
                         sums[m.name].index_add_(0, row_of[s + u : s + v], vals.double())
@@ -639,14 +646,15 @@ class ScoreEngine:
             out[(m.name, None)] = m.finalize(mean) if m.finalize else mean
         return out
 
-    def _logp(self, logits: torch.Tensor, diff: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-probabilities of raw LM-head logits (+ `diff`, a paired head's aligned side), softcapped as the model
-        does. At least fp32; fp64 models (the tests' reference) keep fp64."""
+    @staticmethod
+    def _logp(logits: torch.Tensor, cap: float | None, diff: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities of raw LM-head logits (+ `diff`, a paired head's aligned side), softcapped to `cap` as
+        the model does. At least fp32; fp64 models (the tests' reference) keep fp64."""
         z = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if diff is not None:
             z = z + diff.to(z.dtype)
-        if self.softcap:  # Gemma 2/3 squash logits after the head
-            z = torch.tanh(z / self.softcap) * self.softcap
+        if cap:
+            z = torch.tanh(z / cap) * cap
         return torch.log_softmax(z, dim=-1)
 
 
