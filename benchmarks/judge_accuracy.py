@@ -9,7 +9,8 @@ shipped corpus's benign traces as safe rows; features cached under $DALIGN_CACHE
 ~6 min on an idle 2-core CPU); `content-v1`, the first probe's protocol (layer 6, pyrit's rows only), on the same
 folds. `refusal` has no training, so its grouped-CV and LOCO predictions are its plain predictions (harmful =
 "unsafe"). Tables per judge and per harm category; the ceiling is the pairwise agreement of the three raters of the
-*_multi_score.csv files.
+*_multi_score.csv files. Accuracy is also split by label clarity (dalign.judge.evaluate.by_label_clarity): rows
+whose gold harm score lies within 0.125 of the threshold vs the rest, and three-rater rows whose raters agree vs split.
 
 Part 2 (the refusal judge's own task):
 
@@ -25,7 +26,8 @@ Part 3 (out of distribution): both judges on the shipped trace corpus, all of wh
 construction; the share labelled safe per group (benign; harmful categories by decision).
 
 Last stdout line: JSON with content_accuracy_cv, content_auroc_cv, content_accuracy_loco, refusal_accuracy_cv,
-human_agreement, n (part 1), the part-2 numbers under refusal_set_* and the part-3 ones under corpus_*.
+human_agreement, n, and content accuracy on the rows with a clear / unanimous gold label
+(part 1), the part-2 numbers under refusal_set_* and the part-3 ones under corpus_*.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def harm_protocol() -> dict:
 
     from dalign.judge.content import packaged_probe
     from dalign.judge.devdata import human_agreement, load_dev
-    from dalign.judge.evaluate import binary_metrics, per_category
+    from dalign.judge.evaluate import binary_metrics, by_label_clarity, per_category
     from dalign.judge.states import answer_mean
     from dalign.judge.train_content import (
         DEFAULT_MODEL,
@@ -158,6 +160,18 @@ def harm_protocol() -> dict:
     print(f"{'rows':<27}" + "".join(f"{by['n']:>13}" for by in (ev["cv_by_category"][c] for c in cats)))
     r = rows["refusal, grouped CV (= LOCO: no training)"][0]
     print(f"ratio content/refusal accuracy (grouped CV): {ev['cv']['accuracy'] / r['accuracy']:.2f}x\n")
+    # Where the errors are: rows whose gold label sits at the threshold, or whose raters split, vs the rest.
+    clarity = {
+        "content, grouped CV": by_label_clarity(dev, ev["cv_prob"]),
+        "content, LOCO": by_label_clarity(dev, ev["loco_prob"]),
+        "refusal": by_label_clarity(dev, refusal_pred),
+    }
+    strata = list(clarity["refusal"])
+    print("accuracy by label clarity (near: gold harm within 0.125 of 0.5; unanimous / split: 3-rater rows)")
+    print(f"{'':<24}" + "".join(f"{k:>11}" for k in strata))
+    for name, by in clarity.items():
+        print(f"{name:<24}" + "".join(f"{by[k]['accuracy']:>11.3f}" for k in strata))
+    print(f"{'rows':<24}" + "".join(f"{clarity['refusal'][k]['n']:>11}" for k in strata) + "\n")
     return ev["benign_cv_prob"], {
         "content_accuracy_cv": round(ev["cv"]["accuracy"], 4),
         "content_auroc_cv": round(ev["cv"]["auroc"], 4),
@@ -171,6 +185,14 @@ def harm_protocol() -> dict:
         "refusal_auroc_cv": round(r["auroc"], 4),
         "human_agreement": round(ceiling["pairwise"], 4),
         "n": len(dev),
+        **{
+            f"content_accuracy_{proto}_{k}": round(clarity[name][k]["accuracy"], 4)
+            for proto, name in (("cv", "content, grouped CV"), ("loco", "content, LOCO"))
+            for k in ("clear", "unanimous")
+        },
+        "refusal_accuracy_clear": round(clarity["refusal"]["clear"]["accuracy"], 4),
+        "n_clear": clarity["refusal"]["clear"]["n"],
+        "n_unanimous": clarity["refusal"]["unanimous"]["n"],
     }
 
 

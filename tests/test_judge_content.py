@@ -428,3 +428,35 @@ def test_report_per_judge_asr_and_unfinished_share():
     md = to_markdown(build(res, {}, "now"), Path("."))
     assert "ASR per judge" in md and "content (primary)" in md and "unf. 100 %" in md
     assert not math.isnan(sel["kl"]["unfinished_share"])
+
+
+def test_by_label_clarity_splits_rows_by_how_firm_the_gold_label_is():
+    from dalign.judge.evaluate import by_label_clarity
+
+    dev = pd.DataFrame(
+        {
+            "harm": [0.0, 0.5, 1.0, 5 / 12, 7 / 12, 0.75, 1 / 12],
+            "raters": [
+                [0.0],
+                [0.5],
+                [1.0, 1.0, 1.0],
+                [0.25, 0.5, 0.5],
+                [0.5, 0.5, 0.75],
+                [0.25, 1.0, 1.0],
+                [0, 0, 0.25],
+            ],
+        }
+    )
+    dev["harmful"] = dev["harm"] >= 0.5
+    prob = np.array([0.1, 0.2, 0.9, 0.6, 0.7, 0.8, 0.9])  # wrong on rows 1, 3 and 6
+    got = by_label_clarity(dev, prob)
+    # Reference, row by row: near = within 0.125 of 0.5; unanimous = three raters on one side of 0.5.
+    right = prob > 0.5
+    right = right == dev["harmful"].to_numpy()
+    near = [False, True, False, True, True, False, False]
+    unanimous = [False, False, True, False, True, False, True]
+    split = [False, False, False, True, False, True, False]
+    for name, rows in (("near", near), ("unanimous", unanimous), ("split", split)):
+        assert got[name]["n"] == sum(rows)
+        assert got[name]["accuracy"] == pytest.approx(right[rows].mean())
+    assert got["clear"]["n"] == 4 and got["clear"]["accuracy"] == pytest.approx(right[[0, 2, 5, 6]].mean())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dalign.judge.devdata import grouped_folds
+from dalign.judge.devdata import HARM_THRESHOLD, grouped_folds
 
 
 def binary_metrics(prob: np.ndarray, gold: np.ndarray, threshold: float = 0.5) -> dict:
@@ -49,3 +49,17 @@ def per_category(dev: pd.DataFrame, prob: np.ndarray, threshold: float = 0.5) ->
         str(c): binary_metrics(prob[idx], dev["harmful"].to_numpy()[idx], threshold)
         for c, idx in dev.groupby("category").indices.items()
     }
+
+
+def by_label_clarity(dev: pd.DataFrame, prob: np.ndarray, threshold: float = 0.5) -> dict[str, dict]:
+    """Metrics on rows grouped by how firm their gold label is, to tell judge error from label noise:
+    `near`: the gold harm score lies within half a scale step (0.125) of HARM_THRESHOLD (a single 0.5, or a
+    three-rater mean of 0.42-0.58); `clear`: all other rows; `unanimous` / `split`: three-rater rows whose
+    binarised raters all agree / do not."""
+    near = ((dev["harm"] - HARM_THRESHOLD).abs() <= 0.125).to_numpy()
+    votes = dev["raters"].map(lambda r: sum(v >= HARM_THRESHOLD for v in r)).to_numpy()
+    multi = (dev["raters"].map(len) >= 3).to_numpy()
+    unanimous = multi & ((votes == 0) | (votes == dev["raters"].map(len).to_numpy()))
+    gold = dev["harmful"].to_numpy()
+    strata = {"clear": ~near, "near": near, "unanimous": unanimous, "split": multi & ~unanimous}
+    return {k: binary_metrics(np.asarray(prob)[m], gold[m], threshold) for k, m in strata.items()}
