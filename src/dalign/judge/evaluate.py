@@ -58,8 +58,9 @@ def by_label_clarity(dev: pd.DataFrame, prob: np.ndarray, threshold: float = 0.5
     binarised raters all agree / do not."""
     near = ((dev["harm"] - HARM_THRESHOLD).abs() <= 0.125).to_numpy()
     votes = dev["raters"].map(lambda r: sum(v >= HARM_THRESHOLD for v in r)).to_numpy()
-    multi = (dev["raters"].map(len) >= 3).to_numpy()
-    unanimous = multi & ((votes == 0) | (votes == dev["raters"].map(len).to_numpy()))
+    raters = dev["raters"].map(len).to_numpy()
+    multi = raters >= 3
+    unanimous = multi & ((votes == 0) | (votes == raters))
     gold = dev["harmful"].to_numpy()
     strata = {"clear": ~near, "near": near, "unanimous": unanimous, "split": multi & ~unanimous}
     return {k: binary_metrics(np.asarray(prob)[m], gold[m], threshold) for k, m in strata.items()}
