@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from dalign.judge.devdata import HARM_THRESHOLD, grouped_folds, human_agreement, load_dev
-from dalign.judge.evaluate import binary_metrics, cv_folds, loco_folds, per_category
+from dalign.judge.evaluate import binary_metrics, by_label_clarity, cv_folds, loco_folds, per_category
 from dalign.judge.probe import Probe, fit_probe
 
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
@@ -181,6 +181,12 @@ def train_content_probe(out: str | Path, model_spec: str = DEFAULT_MODEL, evalua
             "leave_one_category_out": ev["loco"],
             "loco_by_category": ev["loco_by_category"],
             "benign_corpus_safe_share_cv": float((ev["benign_cv_prob"] <= THRESHOLD).mean()),
+            "accuracy_by_label_clarity": {
+                name: {
+                    k: m["accuracy"] for k, m in by_label_clarity(dev, ev[f"{name}_prob"], THRESHOLD).items()
+                }
+                for name in ("cv", "loco")
+            },
         }
     card["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "content.card.json").write_text(json.dumps(card, indent=2, default=float) + "\n")
