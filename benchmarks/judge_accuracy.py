@@ -162,8 +162,8 @@ def harm_protocol() -> dict:
     print(f"ratio content/refusal accuracy (grouped CV): {ev['cv']['accuracy'] / r['accuracy']:.2f}x\n")
     # Where the errors are: rows whose gold label sits at the threshold, or whose raters split, vs the rest.
     clarity = {
-        "content, grouped CV": by_label_clarity(dev, ev["cv_prob"]),
-        "content, LOCO": by_label_clarity(dev, ev["loco_prob"]),
+        "content, grouped CV": ev["cv_by_clarity"],
+        "content, LOCO": ev["loco_by_clarity"],
         "refusal": by_label_clarity(dev, refusal_pred),
     }
     strata = list(clarity["refusal"])

@@ -299,9 +299,11 @@ def test_evaluate_probe_holds_out_each_fold_and_benign_rows_with_theirs(monkeypa
         {
             "prompt": [f"p{i % 7}" for i in range(40)],
             "category": [f"c{i % 3}" for i in range(40)],
-            "harmful": [i % 2 == 0 for i in range(40)],
+            "harm": [1.0 - i % 2 for i in range(40)],
+            "raters": [[1.0 - i % 2] for i in range(40)],
         }
     )
+    dev["harmful"] = dev["harm"] >= 0.5
     x, xb = np.arange(40.0)[:, None], 1000 + np.arange(10.0)[:, None]  # a row's feature is its id
     seen = []
 
@@ -451,8 +453,7 @@ def test_by_label_clarity_splits_rows_by_how_firm_the_gold_label_is():
     prob = np.array([0.1, 0.2, 0.9, 0.6, 0.7, 0.8, 0.9])  # wrong on rows 1, 3 and 6
     got = by_label_clarity(dev, prob)
     # Reference, row by row: near = within 0.125 of 0.5; unanimous = three raters on one side of 0.5.
-    right = prob > 0.5
-    right = right == dev["harmful"].to_numpy()
+    right = (prob > 0.5) == dev["harmful"].to_numpy()
     near = [False, True, False, True, True, False, False]
     unanimous = [False, False, True, False, True, False, True]
     split = [False, False, False, True, False, True, False]

@@ -120,6 +120,7 @@ def evaluate_probe(x: np.ndarray, dev: pd.DataFrame, xb: np.ndarray, l2: float =
         out[f"{name}_prob"] = prob
         out[name] = binary_metrics(prob, y, THRESHOLD)
         out[f"{name}_by_category"] = per_category(dev, prob, THRESHOLD)
+        out[f"{name}_by_clarity"] = by_label_clarity(dev, prob, THRESHOLD)
         if held_with is not None:
             out["benign_cv_prob"] = benign_prob
     return out
@@ -182,9 +183,7 @@ def train_content_probe(out: str | Path, model_spec: str = DEFAULT_MODEL, evalua
             "loco_by_category": ev["loco_by_category"],
             "benign_corpus_safe_share_cv": float((ev["benign_cv_prob"] <= THRESHOLD).mean()),
             "accuracy_by_label_clarity": {
-                name: {
-                    k: m["accuracy"] for k, m in by_label_clarity(dev, ev[f"{name}_prob"], THRESHOLD).items()
-                }
+                name: {k: m["accuracy"] for k, m in ev[f"{name}_by_clarity"].items()}
                 for name in ("cv", "loco")
             },
         }
