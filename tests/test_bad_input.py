@@ -70,6 +70,7 @@ def test_force_validates_before_deleting(made_run):
         (["sample", "--limit", "3"], "--limit is per --dataset"),
         (["report", "-r", "typo-dir"], "does not exist"),
         (["sample", "-r", "nonexistent"], "does not exist"),
+        (["judge-train", "--layers", "2,x"], "comma-separated block numbers"),
     ],
 )
 def test_nothing_done_is_an_error_not_exit_0(args, message, tmp_path, monkeypatch):

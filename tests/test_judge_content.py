@@ -70,6 +70,30 @@ def test_pair_ids_cut_prompt_from_the_left_and_answer_from_the_right(tiny):
     assert len(ids) - start == 5 and tok.decode(ids[start:]).startswith("first")
 
 
+def test_pair_ids_plain_transcript_when_the_tokenizer_has_no_chat_template(tiny):
+    import copy
+
+    from dalign.judge.states import PLAIN_HEAD, pair_ids
+
+    _, tok = tiny
+    base = copy.deepcopy(tok)
+    base.chat_template = None  # a base model's tokenizer
+    ids, start = pair_ids(base, "How do bees fly?", "With wings.", 64, 16)
+    head = tok(tok.bos_token + PLAIN_HEAD.format(prompt="How do bees fly?"), add_special_tokens=False)
+    assert ids[:start] == head["input_ids"] and tok.decode(ids[start:]) == "With wings."
+    assert pair_ids(tok, "How do bees fly?", "With wings.", 64, 16)[0][:start] != ids[:start]  # template kept
+
+
+def test_probe_layers_keep_their_relative_depth_in_other_models(tiny_dir):
+    from dalign.judge.train_content import LAYERS, layers_for, model_depth, train_content_probe
+
+    assert layers_for(30) == LAYERS  # the packaged model: the shipped layers
+    assert layers_for(18) == (1, 4, 6, 9, 13)  # Gemma 3 270M
+    assert layers_for(4) == (1, 2, 3) and model_depth(f"hf:{tiny_dir}") == 4
+    with pytest.raises(ValueError, match=r"has blocks 1\.\.4"):  # checked before any data or weights load
+        train_content_probe("unused", f"hf:{tiny_dir}", layers=[2, 5])
+
+
 # ---- probe: logistic regression against plain gradient descent in fp64 ----------------------------------------
 def _gradient_descent(
     x: np.ndarray, y: np.ndarray, l2: float, steps: int = 20000, lr: float = 0.5

@@ -275,6 +275,14 @@ def judge_train(
     evaluate: Annotated[
         bool, typer.Option("--evaluate/--no-evaluate", help="Also run grouped CV + leave-one-category-out.")
     ] = True,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers",
+            help="Comma-separated blocks (1..L) whose answer means the probe reads; default 2,6,10,15,21 of 30, "
+            "at the same relative depth for a model of another depth.",
+        ),
+    ] = None,
 ) -> None:
     """Train the content judge's probe on pyrit's human-labelled harm and refusal sets (minutes on a CPU).
 
@@ -286,7 +294,13 @@ def judge_train(
 
     _quiet_libraries()
     try:
-        card = train_content_probe(out, model, evaluate)
+        try:
+            picked = [int(v) for v in layers.split(",")] if layers else None
+        except ValueError:
+            raise ValueError(
+                f"--layers {layers!r}: expected comma-separated block numbers, e.g. 2,6,10"
+            ) from None
+        card = train_content_probe(out, model, evaluate, picked)
     except (DevDataError, ValueError, FileNotFoundError) as e:
         _fail(e)
     console.print(f"wrote {out / card['file']} ({card['bytes']} bytes) and {out / 'content.card.json'}")

@@ -2,9 +2,11 @@
 
 Text: the model's chat template with the user prompt (cut from the left to `max_prompt_tokens`: the request is
 usually at the end of a long jailbreak template) and the start of the answer (its first `max_answer_tokens`
-tokens: whether an answer gives harmful help shows early, and long answers would dominate the cost). Per layer
-we average the states over the answer tokens and, separately, over the prompt part; the feature is the two means
-side by side. The forward pass stops after the deepest requested layer, so only those blocks run.
+tokens: whether an answer gives harmful help shows early, and long answers would dominate the cost). A tokenizer
+without a chat template (a base model as the feature model) gets a plain transcript instead, `PLAIN_HEAD` after its
+BOS token: the probe needs the same layout in training and judging, not instruction following. Per layer we
+average the states over the answer tokens and, separately, over the prompt part; the feature is the two means side
+by side. The forward pass stops after the deepest requested layer, so only those blocks run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 
 from dalign.models.chat import render_prompt
 from dalign.models.family import family_of
+
+PLAIN_HEAD = "User: {prompt}\nAssistant:\n"
 
 
 class _Stop(Exception):
@@ -29,7 +33,11 @@ def pair_ids(
     user = tok(prompt, add_special_tokens=False)["input_ids"]
     if len(user) > max_prompt_tokens:
         prompt = tok.decode(user[-max_prompt_tokens:])
-    head = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    if tok.chat_template:
+        text = render_prompt(tok, prompt)
+    else:
+        text = (tok.bos_token or "") + PLAIN_HEAD.format(prompt=prompt)
+    head = tok(text, add_special_tokens=False)["input_ids"]
     body = tok(answer, add_special_tokens=False)["input_ids"][:max_answer_tokens]
     return head + body, len(head)
 

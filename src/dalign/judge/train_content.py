@@ -12,9 +12,10 @@ them alone reads any substantive answer as harmful (44 % of the corpus's benign 
 set held out); the benign traces show it helpful answers to benign requests. In grouped CV the benign rows are
 split into the same number of folds and held out with their fold; in leave-one-category-out they always train.
 
-Hyper-parameters are fixed: answer-token means at layers 2, 6, 10, 15, 21 side by side, L2 1.0, benign weight 0.2.
-They were picked by looking at grouped CV, leave-one-category-out and the corpus check on these same folds (about
-30 variants; benchmarks/RESULTS.md), so the numbers carry that selection optimism; the card says so.
+Hyper-parameters are fixed: answer-token means at layers 2, 6, 10, 15, 21 of the packaged model's 30 side by side,
+L2 1.0, benign weight 0.2. They were picked by looking at grouped CV, leave-one-category-out and the corpus check on
+these same folds (about 30 variants; benchmarks/RESULTS.md), so the numbers carry that selection optimism; the card
+says so. Another feature model (`--model`) reads the same relative depths (`layers_for`) unless told `--layers`.
 """
 
 from __future__ import annotations
@@ -33,11 +34,27 @@ from dalign.judge.probe import Probe, fit_probe
 
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
 LAYERS = (2, 6, 10, 15, 21)
+LAYERS_DEPTH = 30  # the packaged model's blocks, the depth LAYERS were chosen at
 L2 = 1.0
 BENIGN_WEIGHT = 0.2
 MAX_PROMPT_TOKENS = 64
 MAX_ANSWER_TOKENS = 128
 THRESHOLD = 0.5
+
+
+def layers_for(num_layers: int) -> tuple[int, ...]:
+    """LAYERS at the same relative depth in a model of `num_layers` blocks (LAYERS itself at 30)."""
+    return tuple(sorted({min(num_layers, max(1, round(v * num_layers / LAYERS_DEPTH))) for v in LAYERS}))
+
+
+def model_depth(model_spec: str) -> int:
+    """Number of decoder blocks of a model spec, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from dalign.models.loading import resolve_spec
+
+    cfg = AutoConfig.from_pretrained(resolve_spec(model_spec))
+    return int(getattr(cfg, "text_config", cfg).num_hidden_layers)
 
 
 def dev_features(rows: pd.DataFrame, model_spec: str, layers=LAYERS) -> np.ndarray:
@@ -80,11 +97,11 @@ def dev_features(rows: pd.DataFrame, model_spec: str, layers=LAYERS) -> np.ndarr
     return x
 
 
-def probe_features(rows: pd.DataFrame, model_spec: str) -> np.ndarray:
-    """The probe's input per row: the answer-token means at LAYERS side by side (dalign.judge.states)."""
+def probe_features(rows: pd.DataFrame, model_spec: str, layers=LAYERS) -> np.ndarray:
+    """The probe's input per row: the answer-token means at `layers` side by side (dalign.judge.states)."""
     from dalign.judge.states import layer_answer_means
 
-    return layer_answer_means(dev_features(rows, model_spec))
+    return layer_answer_means(dev_features(rows, model_spec, layers))
 
 
 def benign_rows() -> pd.DataFrame:
@@ -126,16 +143,25 @@ def evaluate_probe(x: np.ndarray, dev: pd.DataFrame, xb: np.ndarray, l2: float =
     return out
 
 
-def train_content_probe(out: str | Path, model_spec: str = DEFAULT_MODEL, evaluate: bool = True) -> dict:
-    """Fit and write the probe and its card; returns the card."""
+def train_content_probe(
+    out: str | Path, model_spec: str = DEFAULT_MODEL, evaluate: bool = True, layers=None
+) -> dict:
+    """Fit and write the probe and its card; returns the card. `layers`: default `layers_for` the model's depth."""
     t0 = time.perf_counter()
+    flag = f" --layers {','.join(str(v) for v in layers)}" if layers else ""
+    depth = model_depth(model_spec)
+    layers = tuple(int(v) for v in layers) if layers else layers_for(depth)
+    if not all(1 <= v <= depth for v in layers):
+        raise ValueError(
+            f"--layers {list(layers)}: {model_spec} has blocks 1..{depth}; pick layers in that range"
+        )
     dev = load_dev()
     benign = benign_rows()
-    x, xb = probe_features(dev, model_spec), probe_features(benign, model_spec)
+    x, xb = probe_features(dev, model_spec, layers), probe_features(benign, model_spec, layers)
     y = dev["harmful"].to_numpy().astype(float)
     meta = {
         "model": model_spec,
-        "layers": list(LAYERS),
+        "layers": list(layers),
         "max_prompt_tokens": MAX_PROMPT_TOKENS,
         "max_answer_tokens": MAX_ANSWER_TOKENS,
         "threshold": THRESHOLD,
@@ -149,10 +175,10 @@ def train_content_probe(out: str | Path, model_spec: str = DEFAULT_MODEL, evalua
         "judge": "content",
         "file": path.name,
         "bytes": path.stat().st_size,
-        "command": f"dalign judge-train --out {out} --model {model_spec}",
+        "command": f"dalign judge-train --out {out} --model {model_spec}{flag}",
         "model": model_spec,
         "hyperparameters": {
-            "layers": list(LAYERS),
+            "layers": list(layers),
             "l2": L2,
             "benign_weight": BENIGN_WEIGHT,
             "threshold": THRESHOLD,
