@@ -46,16 +46,13 @@ def main() -> None:
         LAYERS,
         benign_rows,
         evaluate_probe,
-        layers_for,
-        model_depth,
         probe_features,
+        resolve_layers,
     )
 
     t0 = time.perf_counter()
+    layers = resolve_layers(args.model, [int(v) for v in args.layers.split(",")] if args.layers else None)
     dev, benign = load_dev(), benign_rows()
-    layers = (
-        tuple(int(v) for v in args.layers.split(",")) if args.layers else layers_for(model_depth(args.model))
-    )
     model = (probe_features(dev, args.model, layers), probe_features(benign, args.model, layers))
     shipped = (probe_features(dev, DEFAULT_MODEL, LAYERS), probe_features(benign, DEFAULT_MODEL, LAYERS))
     arms = {

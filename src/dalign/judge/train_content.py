@@ -57,6 +57,17 @@ def model_depth(model_spec: str) -> int:
     return int(getattr(cfg, "text_config", cfg).num_hidden_layers)
 
 
+def resolve_layers(model_spec: str, layers=None) -> tuple[int, ...]:
+    """The blocks a probe on `model_spec` reads: `layers` checked against the model's depth, default `layers_for`."""
+    depth = model_depth(model_spec)
+    layers = tuple(int(v) for v in layers) if layers else layers_for(depth)
+    if not all(1 <= v <= depth for v in layers):
+        raise ValueError(
+            f"--layers {list(layers)}: {model_spec} has blocks 1..{depth}; pick layers in that range"
+        )
+    return layers
+
+
 def dev_features(rows: pd.DataFrame, model_spec: str, layers=LAYERS) -> np.ndarray:
     """(rows, len(layers), features) of (prompt, response) rows, from the cache when computed before."""
     from rich.progress import Progress
@@ -149,12 +160,7 @@ def train_content_probe(
     """Fit and write the probe and its card; returns the card. `layers`: default `layers_for` the model's depth."""
     t0 = time.perf_counter()
     flag = f" --layers {','.join(str(v) for v in layers)}" if layers else ""
-    depth = model_depth(model_spec)
-    layers = tuple(int(v) for v in layers) if layers else layers_for(depth)
-    if not all(1 <= v <= depth for v in layers):
-        raise ValueError(
-            f"--layers {list(layers)}: {model_spec} has blocks 1..{depth}; pick layers in that range"
-        )
+    layers = resolve_layers(model_spec, layers)
     dev = load_dev()
     benign = benign_rows()
     x, xb = probe_features(dev, model_spec, layers), probe_features(benign, model_spec, layers)
